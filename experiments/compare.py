@@ -1,0 +1,156 @@
+r"""Compares results.json files with the published SD-LoRA numbers.
+
+Usage:
+  python -m experiments.compare RUN/results.json [RUN2/results.json ...] \
+      [--json comparison.json]
+
+Runs are grouped by (benchmark id, method, semantics); the benchmark id is
+``config["benchmark"]`` ("custom" when absent). For each group it prints the
+mean ± sample standard deviation (ddof=1) and the standard error over runs of
+Acc and AAA, then every published reference for that benchmark and method
+(paper table, official log, LibContinual rerun) with its source and the
+difference ours − reference. Paper values are means of 5 runs with standard
+errors; logs and LibContinual are single runs with other seeds/class orders.
+Exit status 2 with a one-line error for missing or invalid files.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from typing import Optional, Sequence, TextIO
+
+from absl import app
+from absl import flags
+import numpy as np
+
+from slora_jax import reference_numbers
+from slora_jax.results import ResultsError, load_results, write_json
+
+_JSON = flags.DEFINE_string("json", None, "Also write the comparison to this JSON file.")
+
+METRICS = (("acc", "Acc"), ("aaa", "AAA"))
+
+
+def _semantics_name(semantics) -> str:
+  if isinstance(semantics, dict):
+    semantics = semantics.get("name")
+  return str(semantics) if semantics else "unknown"
+
+
+def run_key(results: dict) -> tuple[str, str, str]:
+  """(benchmark id, method, semantics) of one results dict.
+
+  Method spellings of the published variants are normalized ('SD-LoRA-RR' →
+  'sdlora_rr') so they group together and find their references.
+  """
+  config = results.get("config") or {}
+  benchmark = config.get("benchmark") or "custom"
+  raw_method = results.get("method") or config.get("method") or "unknown"
+  method = reference_numbers.normalize_method(raw_method) or str(raw_method)
+  return str(benchmark), method, _semantics_name(results.get("semantics"))
+
+
+def stats(values: Sequence[float]) -> dict:
+  """mean, std (ddof=1; NaN for one run), se = std/√n, n and the values."""
+  v = np.asarray(values, dtype=float)
+  n = v.size
+  std = float(np.std(v, ddof=1)) if n > 1 else math.nan
+  return {"n": n, "mean": float(np.mean(v)), "std": std,
+          "se": std / math.sqrt(n) if n > 1 else math.nan,
+          "values": v.tolist()}
+
+
+def compare_runs(runs: Sequence[tuple[str, dict]]) -> list[dict]:
+  """Groups (path, results) pairs and attaches references; one dict per group."""
+  groups: dict[tuple[str, str, str], list[tuple[str, dict]]] = {}
+  for path, res in runs:
+    groups.setdefault(run_key(res), []).append((path, res))
+  out = []
+  for (benchmark, method, semantics), members in sorted(groups.items()):
+    seeds = [res.get("seed", (res.get("config") or {}).get("seed")) for _, res in members]
+    group = {"benchmark": benchmark, "method": method, "semantics": semantics,
+             "files": [p for p, _ in members], "seeds": seeds}
+    for key, _ in METRICS:
+      group[key] = stats([res["summary"][key] for _, res in members])
+    refs = []
+    for ref in reference_numbers.references(benchmark, method):
+      entry = {"kind": ref["kind"], "source": ref["source"]}
+      for key, _ in METRICS:
+        entry[key] = ref.get(key)
+        entry[f"{key}_se"] = ref.get(f"{key}_se")
+        entry[f"{key}_diff"] = (None if ref.get(key) is None
+                                else group[key]["mean"] - ref[key])
+      refs.append(entry)
+    group["references"] = refs
+    out.append(group)
+  return out
+
+
+def _fmt(x, spec: str = ".2f", sign: bool = False) -> str:
+  if x is None or (isinstance(x, float) and math.isnan(x)):
+    return "n/a"
+  # Round first so float noise (68.771 - 68.771 = -1e-14) never prints "-0.00".
+  x = float(format(x, spec)) + 0.0
+  return format(x, ("+" if sign else "") + spec)
+
+
+def format_comparison(groups: Sequence[dict]) -> str:
+  """Human-readable table, one block per group."""
+  lines = []
+  for g in groups:
+    seeds = ", ".join(str(s) for s in g["seeds"])
+    n = g["acc"]["n"]
+    plural = "s" if n != 1 else ""
+    lines.append(f"== {g['benchmark']} | method {g['method']} | semantics "
+                 f"{g['semantics']} | {n} run{plural} (seed{plural} {seeds})")
+    if len(set(g["seeds"])) < len(g["seeds"]):
+      lines.append("   note: repeated seeds; runs are not independent")
+    header = (f"   {'metric':<6} {'ours mean ± std':<17} {'se':>5}   "
+              f"{'ref':>6} {'ref se':>6} {'diff':>6}   source")
+    lines.append(header)
+    for key, label in METRICS:
+      s = g[key]
+      ours = f"{_fmt(s['mean'])} ± {_fmt(s['std'])}"
+      prefix = f"   {label:<6} {ours:<17} {_fmt(s['se']):>5}   "
+      if not g["references"]:
+        lines.append(prefix + "no published reference")
+        continue
+      for i, ref in enumerate(g["references"]):
+        lead = prefix if i == 0 else " " * len(prefix)
+        lines.append(lead + f"{_fmt(ref[key]):>6} {_fmt(ref[key + '_se']):>6} "
+                     f"{_fmt(ref[key + '_diff'], sign=True):>6}   {ref['source']}")
+    lines.append("")
+  return "\n".join(lines)
+
+
+def run(paths: Sequence[str], json_out: Optional[str] = None,
+        stream: Optional[TextIO] = None, err: Optional[TextIO] = None) -> int:
+  """Loads ``paths``, prints the comparison, optionally writes JSON.
+
+  Returns the exit status: 0, or 2 after a one-line error on ``err``.
+  """
+  stream = stream or sys.stdout
+  err = err or sys.stderr
+  if not paths:
+    print("compare: error: give at least one results.json", file=err)
+    return 2
+  try:
+    runs = [(p, load_results(p)) for p in paths]
+  except ResultsError as e:
+    print(f"compare: error: {e}", file=err)
+    return 2
+  groups = compare_runs(runs)
+  print(format_comparison(groups), file=stream)
+  if json_out:
+    write_json(json_out, {"groups": groups})
+    print(f"wrote {json_out}", file=stream)
+  return 0
+
+
+def main(argv: Sequence[str]) -> int:
+  return run(list(argv[1:]), _JSON.value)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,377 @@
+"""``results.json``: one continual-learning run, written atomically; plots.
+
+Schema (``schema_version`` 1). Accuracies are percentages; tasks 0-indexed;
+JSON has no NaN/Infinity: undefined numbers are ``null``.
+
+  schema_version   int, 1
+  created_utc      ISO-8601 time the payload was built (kept on rewrites)
+  written_utc      ISO-8601 time of the last ``write_results``
+  config           dict, the run's full config; ``config["benchmark"]`` is the
+                   benchmark id used by experiments/compare.py (e.g.
+                   "imagenet_r_10"; absent → "custom")
+  seed             int
+  class_order      list[int]; position p = new label p, value = dataset label
+  task_sizes       list[int], classes per task
+  method           "sdlora" | "sdlora_rr" | "sdlora_kd" (or another name)
+  semantics        Policy preset name ("reference" | "paper"), or a dict of the
+                   Policy's fields that includes "name"
+  acc_matrix       T×T list, row t = top-1 per task after training task t,
+                   null above the diagonal, tasks in numeric order
+  acc_matrix_top5  optional, same layout for top-5
+  curves           {top1_sample_weighted: [T], top1_task_mean: [T],
+                    top5_sample_weighted: [T] or null}
+  summary          ``metrics.summarize`` output: num_tasks, acc, aaa,
+                   acc_task_mean, aaa_task_mean, acc_top5, aaa_top5,
+                   forgetting, bwt
+  per_task         [{task, wall_time_s, train_images_per_s, steps,
+                     eval_time_s, ...}]
+  versions         ``collect_versions()``: slora_jax, jax, jaxlib, flax, optax,
+                   orbax, numpy, python (null where not installed)
+  backbone         {name, checkpoint_path, sha256 (or null)}
+
+Readers need only ``summary.acc``/``summary.aaa``, ``curves`` and
+``acc_matrix`` (checked by ``validate_results``); the rest is provenance.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hashlib
+import importlib.metadata
+import json
+import math
+import os
+import platform
+import tempfile
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+from slora_jax import metrics
+
+__all__ = [
+    "SCHEMA_VERSION", "RESULTS_FILENAME", "ResultsError", "to_jsonable",
+    "write_json", "make_payload", "validate_results", "write_results",
+    "load_results", "collect_versions", "sha256_file", "plot_results",
+]
+
+SCHEMA_VERSION = 1
+RESULTS_FILENAME = "results.json"
+
+
+class ResultsError(ValueError):
+  """A results file is missing, unreadable or does not follow the schema."""
+
+
+def _utc_now() -> str:
+  return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def to_jsonable(obj: Any) -> Any:
+  """Plain-JSON copy of ``obj``: numpy → python, NaN/±inf → None, tuples → lists.
+
+  Also unwraps ml_collections ConfigDicts (``to_dict``) and dataclasses.
+  """
+  if obj is None or isinstance(obj, (bool, str)):
+    return obj
+  if isinstance(obj, (np.bool_,)):
+    return bool(obj)
+  if isinstance(obj, (int, np.integer)):
+    return int(obj)
+  if isinstance(obj, (float, np.floating)):
+    f = float(obj)
+    return f if math.isfinite(f) else None
+  if isinstance(obj, np.ndarray):
+    return to_jsonable(obj.tolist())
+  if isinstance(obj, dict):
+    return {str(k): to_jsonable(v) for k, v in obj.items()}
+  if isinstance(obj, (list, tuple)):
+    return [to_jsonable(v) for v in obj]
+  if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+    return to_jsonable(dataclasses.asdict(obj))
+  if hasattr(obj, "to_dict"):  # ml_collections.ConfigDict / FrozenConfigDict
+    return to_jsonable(obj.to_dict())
+  if hasattr(obj, "tolist"):  # jax arrays and other array-likes
+    return to_jsonable(np.asarray(obj).tolist())
+  if isinstance(obj, os.PathLike):
+    return os.fspath(obj)
+  raise TypeError(f"cannot store {type(obj).__name__} in JSON: {obj!r}")
+
+
+def write_json(path, obj) -> str:
+  """Writes ``to_jsonable(obj)`` to ``path`` atomically; returns the path.
+
+  Writes a temporary file in the same directory, fsyncs it and ``os.replace``s
+  it, so a reader (or a crash) never sees a half-written file.
+  """
+  path = os.fspath(path)
+  data = json.dumps(to_jsonable(obj), indent=1, allow_nan=False) + "\n"
+  directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=directory)
+  try:
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+      f.write(data)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+  return path
+
+
+def collect_versions() -> dict:
+  """Installed versions of the packages a result depends on (None if absent)."""
+  def version(dist):
+    try:
+      return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+      return None
+
+  ours = version("slora-jax") or version("slora_jax")
+  if ours is None:
+    try:
+      import slora_jax  # pylint: disable=import-outside-toplevel
+      ours = getattr(slora_jax, "__version__", None)
+    except ImportError:
+      ours = None
+  return {
+      "slora_jax": ours,
+      "jax": version("jax"),
+      "jaxlib": version("jaxlib"),
+      "flax": version("flax"),
+      "optax": version("optax"),
+      "orbax": version("orbax-checkpoint"),
+      "numpy": version("numpy"),
+      "python": platform.python_version(),
+  }
+
+
+def sha256_file(path) -> Optional[str]:
+  """Hex SHA-256 of a file (e.g. the backbone checkpoint); None if it is missing."""
+  if path is None or not os.path.isfile(path):
+    return None
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+      h.update(chunk)
+  return h.hexdigest()
+
+
+def make_payload(*, config, seed: int, class_order: Sequence[int],
+                 task_sizes: Sequence[int], method: str, semantics,
+                 acc_matrix, curve_top1_sample_weighted,
+                 curve_top1_task_mean=None, curve_top5_sample_weighted=None,
+                 acc_matrix_top5=None, per_task=(), backbone=None,
+                 **extra) -> dict:
+  """Builds a schema-conforming payload; computes ``summary`` and ``versions``.
+
+  ``acc_matrix`` may be ragged rows or a (T, T) array (see
+  ``metrics.accuracy_matrix``); ``curve_top1_task_mean`` defaults to its row
+  means. ``extra`` keys are stored as given.
+  """
+  R = metrics.accuracy_matrix(acc_matrix)
+  summary = metrics.summarize(R, curve_top1_sample_weighted, curve_top1_task_mean,
+                              curve_top5_sample_weighted)
+  if curve_top1_task_mean is None:
+    curve_top1_task_mean = [float(np.mean(R[t, :t + 1])) for t in range(R.shape[0])]
+  if sum(task_sizes) != len(class_order) and len(class_order):
+    raise ValueError(f"task sizes sum to {sum(task_sizes)} but the class order "
+                     f"has {len(class_order)} classes")
+  if len(task_sizes) < R.shape[0]:
+    raise ValueError(f"{R.shape[0]} evaluated tasks but only {len(task_sizes)} sizes")
+  payload = {
+      "schema_version": SCHEMA_VERSION,
+      "created_utc": _utc_now(),
+      "config": config,
+      "seed": seed,
+      "class_order": list(class_order),
+      "task_sizes": list(task_sizes),
+      "method": method,
+      "semantics": semantics,
+      "acc_matrix": R,
+      "acc_matrix_top5": (None if acc_matrix_top5 is None
+                          else metrics.accuracy_matrix(acc_matrix_top5)),
+      "curves": {
+          "top1_sample_weighted": list(curve_top1_sample_weighted),
+          "top1_task_mean": list(curve_top1_task_mean),
+          "top5_sample_weighted": (None if curve_top5_sample_weighted is None
+                                   else list(curve_top5_sample_weighted)),
+      },
+      "summary": summary,
+      "per_task": list(per_task),
+      "versions": collect_versions(),
+      "backbone": backbone if backbone is not None else {
+          "name": None, "checkpoint_path": None, "sha256": None},
+  }
+  payload.update(extra)
+  return to_jsonable(payload)
+
+
+def _is_number(x) -> bool:
+  return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def validate_results(d, where: str = "results") -> dict:
+  """Checks the keys readers rely on; raises ResultsError naming ``where``."""
+  def fail(msg):
+    raise ResultsError(f"{where}: {msg}")
+
+  if not isinstance(d, dict):
+    fail(f"expected a JSON object, got {type(d).__name__}")
+  summary = d.get("summary")
+  if not isinstance(summary, dict):
+    fail("missing 'summary' object")
+  for key in ("acc", "aaa"):
+    if not _is_number(summary.get(key)):
+      fail(f"'summary.{key}' must be a number, got {summary.get(key)!r}")
+  curves = d.get("curves")
+  if not isinstance(curves, dict) or not isinstance(
+      curves.get("top1_sample_weighted"), list):
+    fail("missing 'curves.top1_sample_weighted' list")
+  matrix = d.get("acc_matrix")
+  if not isinstance(matrix, list) or not matrix or not all(
+      isinstance(r, list) for r in matrix):
+    fail("missing 'acc_matrix' (list of rows)")
+  if len(matrix) != len(curves["top1_sample_weighted"]):
+    fail(f"acc_matrix has {len(matrix)} rows but the top-1 curve "
+         f"{len(curves['top1_sample_weighted'])} values")
+  config = d.get("config", {})
+  if config is not None and not isinstance(config, dict):
+    fail("'config' must be an object")
+  return d
+
+
+def write_results(workdir, payload) -> str:
+  """Validates ``payload`` and writes ``workdir/results.json`` atomically.
+
+  Returns the file's path. NaN/inf become null; numpy types become python
+  types; ``written_utc`` is set and ``created_utc`` filled if absent.
+  """
+  data = to_jsonable(payload)
+  if not isinstance(data, dict):
+    raise ResultsError(f"payload must be a dict, got {type(payload).__name__}")
+  data.setdefault("schema_version", SCHEMA_VERSION)
+  data.setdefault("created_utc", _utc_now())
+  data["written_utc"] = _utc_now()
+  validate_results(data, where="payload")
+  return write_json(os.path.join(os.fspath(workdir), RESULTS_FILENAME), data)
+
+
+def load_results(path) -> dict:
+  """Reads and validates a results file; ``path`` may also be a run directory.
+
+  Raises:
+    ResultsError: missing file, invalid JSON, or schema violation; the message
+      names the file and the problem on one line.
+  """
+  path = os.fspath(path)
+  if os.path.isdir(path):
+    path = os.path.join(path, RESULTS_FILENAME)
+  try:
+    with open(path, encoding="utf-8") as f:
+      d = json.load(f)
+  except FileNotFoundError:
+    raise ResultsError(f"{path}: no such file") from None
+  except json.JSONDecodeError as e:
+    raise ResultsError(f"{path}: invalid JSON ({e.msg} at line {e.lineno} "
+                       f"column {e.colno})") from None
+  except (OSError, UnicodeDecodeError) as e:
+    raise ResultsError(f"{path}: cannot read ({e})") from None
+  return validate_results(d, where=path)
+
+
+def _annotation_fontsize(T: int) -> float:
+  # Keeps "88.8" inside a cell from T=1 (large cells) up to T=20.
+  return 9 if T <= 8 else 7 if T <= 12 else 5
+
+
+def plot_results(results: dict, path_png) -> str:
+  """Saves a PNG: accuracy-matrix heatmap (left) and accuracy curves (right).
+
+  Uses the Agg canvas directly (no pyplot, no display, global backend left
+  untouched). Rows are "after task t", columns tasks in numeric label order;
+  cells above the diagonal stay blank. Returns the path.
+  """
+  # Imported here so that writing results never needs matplotlib.
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=import-outside-toplevel
+  from matplotlib.figure import Figure  # pylint: disable=import-outside-toplevel
+
+  validate_results(results)
+  R = np.array([[np.nan if v is None else v for v in row]
+                for row in results["acc_matrix"]], dtype=float)
+  T = R.shape[0]
+  sizes = results.get("task_sizes") or []
+  col_labels = _column_labels(sizes, T)
+  curves = results["curves"]
+
+  side = max(4.0, 0.45 * T + 1.5)
+  fig = Figure(figsize=(side + 5.5, max(4.0, side * 0.85)), dpi=110)
+  FigureCanvasAgg(fig)
+  ax_m, ax_c = fig.subplots(1, 2, gridspec_kw={"width_ratios": [side, 5.0]})
+
+  masked = np.ma.masked_invalid(R)
+  finite = R[np.isfinite(R)]
+  vmin, vmax = (float(finite.min()), float(finite.max())) if finite.size else (0, 100)
+  if vmax - vmin < 1:
+    vmin, vmax = vmin - 0.5, vmax + 0.5
+  cmap = matplotlib.colormaps["viridis"].with_extremes(bad="white")
+  im = ax_m.imshow(masked, cmap=cmap, vmin=vmin, vmax=vmax, aspect="equal")
+  fs = _annotation_fontsize(T)
+  for t in range(T):
+    for k in range(T):
+      if np.isfinite(R[t, k]):
+        # Dark text on the bright end of viridis, white on the dark end.
+        light = (R[t, k] - vmin) / (vmax - vmin) > 0.6
+        ax_m.text(k, t, f"{R[t, k]:.1f}", ha="center", va="center", fontsize=fs,
+                  color="black" if light else "white")
+  ax_m.set_xticks(range(T))
+  # Long labels ("120-159") collide once a few tasks share the axis.
+  if T > 3:
+    ax_m.set_xticklabels(col_labels, rotation=90 if T > 10 else 45,
+                         ha="center" if T > 10 else "right", fontsize=fs + 1)
+  else:
+    ax_m.set_xticklabels(col_labels, fontsize=fs + 1)
+  ax_m.set_yticks(range(T))
+  ax_m.set_yticklabels([str(t + 1) for t in range(T)], fontsize=fs + 1)
+  ax_m.set_xlabel("classes of task (numeric order)")
+  ax_m.set_ylabel("after training task")
+  ax_m.set_title("top-1 accuracy (%) per task")
+  fig.colorbar(im, ax=ax_m, fraction=0.046, pad=0.04)
+
+  x = np.arange(1, T + 1)
+  summary = results["summary"]
+  series = [("top1_sample_weighted", "top-1, sample-weighted (Acc)", "o-"),
+            ("top1_task_mean", "top-1, mean over tasks", "s--"),
+            ("top5_sample_weighted", "top-5, sample-weighted", "^:")]
+  for key, label, style in series:
+    ys = curves.get(key)
+    if ys is not None and len(ys) == T:
+      ys = np.array([np.nan if v is None else v for v in ys], dtype=float)
+      ax_c.plot(x, ys, style, label=label, markersize=4)
+  ax_c.set_xlabel("task")
+  ax_c.set_ylabel("accuracy on all seen classes (%)")
+  ax_c.set_xticks(x if T <= 10 else x[::2])
+  if T == 1:
+    ax_c.set_xlim(0.5, 1.5)
+  ax_c.grid(True, alpha=0.3)
+  ax_c.legend(fontsize=8, loc="best")
+  bench = (results.get("config") or {}).get("benchmark", "custom")
+  ax_c.set_title(f"{bench} {results.get('method', '')} seed {results.get('seed', '?')}\n"
+                 f"Acc {summary['acc']:.2f}  AAA {summary['aaa']:.2f}", fontsize=10)
+  fig.tight_layout()
+  path_png = os.fspath(path_png)
+  os.makedirs(os.path.dirname(os.path.abspath(path_png)), exist_ok=True)
+  fig.savefig(path_png, bbox_inches="tight")  # rotated tick labels can overhang
+  return path_png
+
+
+def _column_labels(task_sizes: Sequence[int], T: int) -> list[str]:
+  """Column labels: reference group keys when the task sizes are known."""
+  if task_sizes and len(task_sizes) >= T:
+    return metrics.group_labels(task_sizes[:T])
+  return [f"task {k + 1}" for k in range(T)]

@@ -1,0 +1,119 @@
+"""The jitted train and evaluation steps.
+
+The model enters only as ``apply_fn(params, images) -> features``, and
+adapters only through `apply_adapters`/`merge`: the steps know nothing of a
+model's architecture, and nothing of adapter internals beyond the trainable
+tree. Class ranges are traced scalars, so one compiled step serves every task.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from slora_jax import adapters as adapters_lib
+from slora_jax import head as head_lib
+from slora_jax import optim
+
+__all__ = ["make_optimizer", "make_train_step", "make_eval_step"]
+
+ApplyFn = Callable[[Any, jax.Array], jax.Array]
+
+
+def make_optimizer(momentum: float = 0.9, train_magnitudes: bool = True,
+                   weight_decay: float = 0.0) -> optax.GradientTransformation:
+  """SGD whose learning rate is a hyper-parameter set at every step.
+
+  The rate lives in the optimiser state, so schedules and per-task rates never
+  recompile the step. Plain-LoRA baselines freeze the magnitudes.
+  """
+  sgd = optax.inject_hyperparams(
+      optim.optimizer, static_args=("momentum", "weight_decay"))(
+      learning_rate=0.0, momentum=momentum, weight_decay=weight_decay)
+  if train_magnitudes:
+    return sgd
+  def labels(tree):
+    out = jax.tree.map(lambda _: "train", tree)
+    out["adapters"]["magnitudes"] = jax.tree.map(
+        lambda _: "freeze", tree["adapters"]["magnitudes"])
+    return out
+  return optax.partition({"train": sgd, "freeze": optax.set_to_zero()}, labels)
+
+
+def _set_lr(opt_state, lr):
+  if hasattr(opt_state, "hyperparams"):
+    opt_state.hyperparams["learning_rate"] = jnp.asarray(lr, jnp.float32)
+    return opt_state
+  # optax.partition state: set the rate of the 'train' inner optimiser.
+  inner = opt_state.inner_states["train"]
+  inner.inner_state.hyperparams["learning_rate"] = jnp.asarray(lr, jnp.float32)
+  return opt_state
+
+
+def _masked_mean(x, mask):
+  m = mask.astype(jnp.float32)
+  return jnp.sum(x * m) / jnp.maximum(jnp.sum(m), 1.0)
+
+
+def make_train_step(apply_fn: ApplyFn, num_classes: int,
+                    tx: optax.GradientTransformation):
+  """Builds ``step(adapters, head, opt_state, backbone, batch, lo, hi, lr)``.
+
+  The loss is cross-entropy over the classes ``[lo, hi)`` only (the
+  reference's ``logits[:, known:]`` slicing, SD-LoRA-SPEC.md §4), averaged over
+  the rows whose ``mask`` is set (padding of the last partial batch). Returns
+  the new (adapters, head, opt_state) and device-side metrics.
+  """
+
+  def step(adapters, head, opt_state, backbone, batch, lo, hi, lr):
+    keep = head_lib.class_mask(lo, hi, num_classes)
+
+    def loss_fn(tree):
+      ad, hd = optim.with_trainable_params(adapters, tree)
+      params = adapters_lib.apply_adapters(backbone, ad)
+      logits = head_lib.apply_head(hd, apply_fn(params, batch["image"]))
+      logits = head_lib.masked_logits(logits, keep)
+      ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
+      loss = _masked_mean(ce, batch["mask"])
+      acc = _masked_mean(jnp.argmax(logits, -1) == batch["label"], batch["mask"])
+      return loss, acc
+
+    tree = optim.trainable_params(adapters, head)
+    (loss, acc), grads = jax.value_and_grad(loss_fn, has_aux=True)(tree)
+    opt_state = _set_lr(opt_state, lr)
+    updates, opt_state = tx.update(grads, opt_state, tree)
+    tree = optax.apply_updates(tree, updates)
+    new_adapters, new_head = optim.with_trainable_params(adapters, tree)
+    metrics = {"loss": loss, "accuracy": acc,
+               "grad_norm": optax.global_norm(grads),
+               "alpha_current": new_adapters.trainable["magnitudes"]["current"]}
+    return new_adapters, new_head, opt_state, metrics
+
+  return jax.jit(step, donate_argnums=(0, 1, 2))
+
+
+def make_eval_step(apply_fn: ApplyFn, num_classes: int, num_tasks: int):
+  """Builds ``eval_step(params, head, batch, hi, task_of_class)``.
+
+  ``params`` are already merged (`slora_jax.merge`), so this is the bare
+  model's cost. Predictions are the task-agnostic argmax over the classes seen
+  so far, ``[0, hi)``. Returns per-task sums of top-1 and top-5 hits and of
+  samples, as (num_tasks,) arrays.
+  """
+
+  def eval_step(params, head, batch, hi, task_of_class):
+    logits = head_lib.apply_head(head, apply_fn(params, batch["image"]))
+    logits = head_lib.masked_logits(logits, head_lib.class_mask(0, hi, num_classes))
+    top = jax.lax.top_k(logits, min(5, num_classes))[1]
+    label = batch["label"]
+    top1 = top[:, 0] == label
+    top5 = jnp.any(top == label[:, None], axis=-1)
+    onehot = jax.nn.one_hot(task_of_class[label], num_tasks) * batch["mask"][:, None]
+    return {"top1": top1.astype(jnp.float32) @ onehot,
+            "top5": top5.astype(jnp.float32) @ onehot,
+            "count": jnp.sum(onehot, axis=0)}
+
+  return jax.jit(eval_step)
