@@ -31,10 +31,13 @@ def maybe_initialize_distributed(enabled: bool) -> None:
                  jax.local_device_count(), jax.device_count())
 
 
-def make_mesh() -> jax.sharding.Mesh:
-  """A 1-D ``data`` mesh over all devices."""
-  return jax.make_mesh((jax.device_count(),), ("data",),
-                       axis_types=(jax.sharding.AxisType.Auto,))
+def make_mesh(devices=None) -> jax.sharding.Mesh:
+  """A 1-D ``data`` mesh over ``devices`` (default: all devices of all hosts)."""
+  if devices is None:
+    return jax.make_mesh((jax.device_count(),), ("data",),
+                         axis_types=(jax.sharding.AxisType.Auto,))
+  return jax.sharding.Mesh(np.asarray(devices), ("data",),
+                           axis_types=(jax.sharding.AxisType.Auto,))
 
 
 def replicated(mesh) -> NamedSharding:

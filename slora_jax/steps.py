@@ -88,7 +88,7 @@ def make_train_step(apply_fn: ApplyFn, num_classes: int,
     tree = optax.apply_updates(tree, updates)
     new_adapters, new_head = optim.with_trainable_params(adapters, tree)
     metrics = {"loss": loss, "accuracy": acc,
-               "grad_norm": optax.global_norm(grads),
+               "grad_norm": optax.tree.norm(grads),
                "alpha_current": new_adapters.trainable["magnitudes"]["current"]}
     return new_adapters, new_head, opt_state, metrics
 

@@ -25,19 +25,16 @@ import numpy as np
 import slora_jax as sl
 from slora_jax import backbone as backbone_lib
 from slora_jax import checkpoint as ckpt_lib
+from slora_jax import errors
 from slora_jax import experiment_data
 from slora_jax import metrics
 from slora_jax import parallel
 from slora_jax import results as results_lib
 from slora_jax import steps as steps_lib
 
-__all__ = ["train_and_evaluate", "run_seed", "NonFiniteLossError", "METHODS"]
+__all__ = ["train_and_evaluate", "run_seed", "METHODS"]
 
 METHODS = ("sdlora", "sdlora_rr", "sdlora_kd", "seq_lora", "joint")
-
-
-class NonFiniteLossError(FloatingPointError):
-  """The training loss became NaN or infinite."""
 
 
 @dataclasses.dataclass
@@ -151,6 +148,7 @@ def run_seed(config, seed: int, workdir: str) -> dict:
                       "rank": adapters.rank, "done": done})
 
   task_of_class = jnp.asarray(metrics.class_to_task(data.task_sizes))
+  steps_here = 0
   for t in range(cursor.task, len(train_tasks)):
     lo, hi = train_tasks[t]
     rank = _rank(config, t)
@@ -176,6 +174,11 @@ def run_seed(config, seed: int, workdir: str) -> dict:
         if prev is not None:  # read the previous step's metrics: stays async
           _log_step(prev, t, s - 1, bar, writer, config)
         prev = m
+        steps_here += 1
+        if 0 < config.get("stop_after_steps", 0) <= steps_here:
+          # Simulated preemption (tests): leave without saving, as a kill would.
+          raise SystemExit(f"stopped after {steps_here} steps "
+                           "(config.stop_after_steps)")
         if (s + 1) % config.checkpoint.every_steps == 0 and s + 1 < total:
           _log_step(m, t, s, None, None, config)          # sync: no NaN saved
           save(Cursor(t, s + 1, True))
@@ -262,7 +265,7 @@ def _state(adapters, head, tx, opt_state):
 def _log_step(m, task, step, bar, writer, config):
   loss = float(m["loss"])
   if not math.isfinite(loss):
-    raise NonFiniteLossError(
+    raise errors.NonFiniteLossError(
         f"the training loss became {loss} at task {task}, step {step}; the "
         f"last good checkpoint is kept in the workdir (lower the learning rate "
         f"or check the data, then rerun to resume from it)")
@@ -329,9 +332,18 @@ def _payload(config, seed, data, done, backbone_info, adapters):
                                  "steps", "eval_time_s", "alpha_current")
                if k in d} | ({"kd_absorbed": d["kd_absorbed"]} if "kd_absorbed" in d
                             else {}) for d in done]
+  task_sizes, extra = data.task_sizes, {}
+  if config.method == "joint":
+    # One training phase on every class: a 1x1 matrix over all classes, with
+    # the per-group accuracies kept beside it (Acc = AAA = final top-1).
+    task_sizes = [sum(data.task_sizes)]
+    extra["joint_group_top1"] = rows[0] if rows else []
+    rows = [[d["top1_sample_weighted"]] for d in done]
+    rows5 = [[d["top5_sample_weighted"]] for d in done] if rows5 else None
   return results_lib.make_payload(
+      **extra,
       config=config.to_dict(), seed=seed, class_order=data.class_order,
-      task_sizes=data.task_sizes, method=config.method,
+      task_sizes=task_sizes, method=config.method,
       semantics=dataclasses.asdict(adapters.spec.policy),
       acc_matrix=metrics.accuracy_matrix(rows) if rows else [],
       acc_matrix_top5=metrics.accuracy_matrix(rows5) if rows5 else None,

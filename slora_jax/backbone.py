@@ -1,0 +1,185 @@
+"""Builds the frozen backbone a run adapts, from ``config.model``.
+
+Three ways to get its weights (``config.model.init``):
+
+* ``'pretrained'``: a local timm ``model.safetensors`` or AugReg ``.npz`` file
+  (``config.model.checkpoint``); nothing is ever downloaded.
+* ``'random'``: a randomly initialised ViT (shows what adapters do without a
+  representation worth adapting; useful as a control).
+* ``'synthetic_pretrain'``: a small ViT pre-trained for a few minutes on
+  generated images (`slora_jax.data.sources.SyntheticSource`) and cached on
+  disk, so the offline demo has features worth adapting. The pre-training
+  classes are generated patterns, never the downstream data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from slora_jax import results as results_lib
+from slora_jax.models import convert
+from slora_jax.models import vit as vit_lib
+
+__all__ = ["model_config", "build", "synthetic_pretrain", "default_cache_dir"]
+
+_PRESETS = {"vit_b16": vit_lib.vit_b16, "vit_s16": vit_lib.vit_s16,
+            "vit_ti16": vit_lib.vit_ti16}
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def model_config(m) -> vit_lib.ViTConfig:
+  """The `ViTConfig` described by ``config.model``.
+
+  ``m.name`` picks a preset (``vit_b16``, ``vit_s16``, ``vit_ti16``) or
+  ``custom``; any of ``image_size, patch_size, width, depth, num_heads,
+  mlp_dim, qkv`` set to a non-zero value overrides the preset.
+  """
+  fields = {}
+  for key in ("image_size", "patch_size", "width", "depth", "num_heads",
+              "mlp_dim"):
+    if m.get(key):
+      fields[key] = int(m[key])
+  if m.get("qkv"):
+    fields["qkv"] = m.qkv
+  dtype = m.get("dtype", "float32")
+  if dtype not in _DTYPES:
+    raise ValueError(f"model.dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+  fields["dtype"] = _DTYPES[dtype]
+  if m.name == "custom":
+    return vit_lib.ViTConfig(**fields)
+  if m.name not in _PRESETS:
+    raise ValueError(f"unknown model.name {m.name!r}; choose one of "
+                     f"{sorted(_PRESETS) + ['custom']}")
+  return _PRESETS[m.name](**fields)
+
+
+def default_cache_dir() -> str:
+  return os.environ.get("SLORA_JAX_CACHE",
+                        os.path.join(os.path.expanduser("~"), ".cache", "slora_jax"))
+
+
+def build(config):
+  """Returns ``(vit_config, model, params, info)`` for ``config.model``.
+
+  ``params`` are float32 host arrays; ``info`` (name, checkpoint path, sha256)
+  goes into results.json so a number can be traced to its weights.
+  """
+  m = config.model
+  cfg = model_config(m)
+  model = vit_lib.VisionTransformer(cfg)
+  init = m.get("init", "pretrained")
+  if init == "pretrained":
+    path = m.get("checkpoint", "")
+    if not path:
+      raise FileNotFoundError(
+          f"config.model.checkpoint is empty: download the weights "
+          f"{m.get('weights', '')!r} yourself (e.g. timm's model.safetensors) "
+          f"and pass --config.model.checkpoint=/path/to/file")
+    t0 = time.perf_counter()
+    params = convert.load_pretrained(path, cfg)
+    logging.info("loaded %s in %.1f s", path, time.perf_counter() - t0)
+    info = {"name": m.get("weights", ""), "checkpoint_path": os.path.abspath(path),
+            "sha256": results_lib.sha256_file(path), "init": init}
+  elif init == "random":
+    params = jax.device_get(vit_lib.init_params(cfg, jax.random.key(m.get("seed", 0))))
+    info = {"name": f"random {m.name}", "checkpoint_path": None, "sha256": None,
+            "init": init}
+  elif init == "synthetic_pretrain":
+    path = synthetic_pretrain(cfg, m.pretrain)
+    params = convert.load_timm_safetensors(path, cfg)
+    info = {"name": f"{m.name} pre-trained on generated images",
+            "checkpoint_path": path, "sha256": results_lib.sha256_file(path),
+            "init": init, "pretrain": m.pretrain.to_dict()}
+  else:
+    raise ValueError(f"unknown model.init {init!r}; choose 'pretrained', "
+                     "'random' or 'synthetic_pretrain'")
+  return cfg, model, params, info
+
+
+def _cache_key(cfg: vit_lib.ViTConfig, p) -> str:
+  desc = json.dumps({"vit": {k: str(v) for k, v in vars(cfg).items()},
+                     "pretrain": p.to_dict(), "version": 1}, sort_keys=True)
+  return hashlib.sha256(desc.encode()).hexdigest()[:16]
+
+
+def synthetic_pretrain(cfg: vit_lib.ViTConfig, p, cache_dir: str | None = None) -> str:
+  """Pre-trains ``cfg`` on generated images once; returns the cached file.
+
+  ``p`` holds ``num_classes, train_per_class, steps, batch_size, lr, seed``.
+  The file is keyed by a hash of ``cfg`` and ``p`` and written atomically, so
+  concurrent or interrupted runs never read a partial file.
+  """
+  from slora_jax.data import sources  # the data package imports TF lazily
+
+  cache_dir = cache_dir or p.get("cache_dir") or default_cache_dir()
+  path = os.path.join(cache_dir, f"synthetic_vit_{_cache_key(cfg, p)}.safetensors")
+  if os.path.exists(path):
+    logging.info("using the cached pre-trained backbone %s", path)
+    return path
+  os.makedirs(cache_dir, exist_ok=True)
+  print(f"pre-training the demo backbone on generated images "
+        f"({p.steps} steps, cached in {path}) ...", flush=True)
+  source = sources.SyntheticSource(
+      num_classes=p.num_classes, train_per_class=p.train_per_class,
+      test_per_class=1, image_size=cfg.image_size, seed=p.seed)
+  split = source.split("train")
+  labels = np.asarray(split.labels, np.int32)
+  t0 = time.perf_counter()
+  images = np.stack([_to_float(split.read(i), cfg.image_size)
+                     for i in range(len(split))])
+  logging.info("generated %d pre-training images in %.1f s", len(images),
+               time.perf_counter() - t0)
+
+  model = vit_lib.VisionTransformer(cfg)
+  key = jax.random.key(p.seed)
+  params = vit_lib.init_params(cfg, key)
+  head = {"kernel": jnp.zeros((cfg.width, p.num_classes)),
+          "bias": jnp.zeros((p.num_classes,))}
+  tx = optax.adamw(optax.warmup_cosine_decay_schedule(
+      0.0, p.lr, max(1, p.steps // 10), p.steps), weight_decay=0.05)
+  tree = {"vit": params, "head": head}
+  opt_state = tx.init(tree)
+
+  @jax.jit
+  def step(tree, opt_state, x, y, rng):
+    flip = jax.random.bernoulli(rng, 0.5, (x.shape[0], 1, 1, 1))
+    x = jnp.where(flip, x[:, :, ::-1], x)
+
+    def loss_fn(tree):
+      f = model.apply({"params": tree["vit"]}, x)
+      logits = f @ tree["head"]["kernel"] + tree["head"]["bias"]
+      return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+    loss, g = jax.value_and_grad(loss_fn)(tree)
+    upd, opt_state = tx.update(g, opt_state, tree)
+    return optax.apply_updates(tree, upd), opt_state, loss
+
+  rng = np.random.default_rng(p.seed)
+  t0, loss = time.perf_counter(), float("nan")
+  for s in range(p.steps):
+    idx = rng.integers(0, len(images), p.batch_size)
+    tree, opt_state, loss = step(tree, opt_state, images[idx], labels[idx],
+                                 jax.random.fold_in(key, s))
+    if (s + 1) % max(1, p.steps // 5) == 0:
+      print(f"  pre-training step {s + 1}/{p.steps}: loss {float(loss):.3f} "
+            f"({time.perf_counter() - t0:.0f} s)", flush=True)
+  tmp = f"{path}.tmp{os.getpid()}"
+  convert.save_timm_safetensors(jax.device_get(tree["vit"]), tmp, cfg)
+  os.replace(tmp, path)
+  return path
+
+
+def _to_float(img: np.ndarray, size: int) -> np.ndarray:
+  if img.shape[0] != size or img.shape[1] != size:
+    from PIL import Image
+    img = np.asarray(Image.fromarray(img).resize((size, size), Image.BILINEAR))
+  return img.astype(np.float32) / 255.0

@@ -1,0 +1,20 @@
+"""The errors a user can cause and fix; entry points print them as one line."""
+
+from slora_jax.checkpoint import ConfigMismatchError
+from slora_jax.data.sources import DataError
+from slora_jax.models.convert import CheckpointMismatchError
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The training loss became NaN or infinite."""
+
+
+class WorkdirError(OSError):
+  """The workdir cannot be written (read-only, full disk)."""
+
+
+USER_ERRORS = (DataError, ConfigMismatchError, CheckpointMismatchError,
+               NonFiniteLossError, WorkdirError, FileNotFoundError)
+
+__all__ = ["ConfigMismatchError", "DataError", "CheckpointMismatchError",
+           "NonFiniteLossError", "WorkdirError", "USER_ERRORS"]

@@ -1,0 +1,131 @@
+"""End to end: the entry point, the task loop, resume, config mismatch, methods.
+
+Runs use Split Fashion-MNIST's real IDX files when installed (CI installs the
+Debian package), else generated images, with a tiny ViT and a few steps.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from experiments.configs import demo
+from slora_jax import checkpoint as ckpt_lib
+from slora_jax import results as results_lib
+from slora_jax import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FMNIST = demo.FASHION_MNIST
+
+
+def small_config(cache_dir, **overrides):
+  """The demo config, shrunk: tiny ViT, few samples, 3 steps per task."""
+  c = demo.get_config()
+  c.model.image_size = c.data.image_size = c.data.resize_size = 16
+  c.model.width, c.model.depth, c.model.num_heads, c.model.mlp_dim = 32, 2, 2, 64
+  c.model.pretrain.update(dict(steps=20, train_per_class=16, batch_size=32,
+                               cache_dir=str(cache_dir)))
+  c.data.max_train_per_class = 48
+  c.data.max_test_per_class = 20
+  c.train.batch_size = 32
+  c.train.eval_batch_size = 50
+  c.train.epochs = 1
+  c.train.max_steps_per_task = 3
+  c.checkpoint.every_steps = 2
+  c.log_every_steps = 1
+  for k, v in overrides.items():
+    node = c
+    *path, last = k.split(".")
+    for p in path:
+      node = node[p]
+    node[last] = v
+  return c
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+  return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, cache_dir):
+  workdir = tmp_path_factory.mktemp("full")
+  payload = train.run_seed(small_config(cache_dir), 1993, str(workdir))
+  return workdir, payload
+
+
+def test_full_run_writes_results_plot_events_checkpoints(uninterrupted):
+  workdir, payload = uninterrupted
+  res = results_lib.load_results(os.path.join(workdir, "results.json"))
+  assert res["summary"]["num_tasks"] == 5
+  R = np.array(res["acc_matrix"], dtype=float)
+  assert R.shape == (5, 5)
+  assert np.all(np.isnan(R[np.triu_indices(5, 1)]))
+  assert np.all((R[np.tril_indices(5)] >= 0) & (R[np.tril_indices(5)] <= 100))
+  assert res["summary"]["acc"] == res["curves"]["top1_sample_weighted"][-1]
+  assert len(res["per_task"]) == 5 and all(
+      p["train_images_per_s"] > 0 for p in res["per_task"])
+  assert res["class_order"] == list(np.random.RandomState(1993).permutation(10))
+  assert os.path.getsize(os.path.join(workdir, "results.png")) > 1000
+  events = os.listdir(os.path.join(workdir, "tensorboard"))
+  assert any(e.startswith("events.out.tfevents") for e in events)
+  assert ckpt_lib.Checkpointer(str(workdir)).read_meta()["cursor"]["task"] == 5
+
+
+def test_resume_after_stops_reaches_identical_numbers(uninterrupted, tmp_path,
+                                                      cache_dir):
+  full_dir, full = uninterrupted
+  # Stop mid-task twice (steps 5 and 11 of 15, between periodic checkpoints),
+  # then finish: each restart resumes from the last checkpoint.
+  for stop in (5, 6):
+    with pytest.raises(SystemExit, match="stopped"):
+      train.run_seed(small_config(cache_dir, stop_after_steps=stop), 1993,
+                     str(tmp_path))
+  meta = ckpt_lib.Checkpointer(str(tmp_path)).read_meta()
+  assert meta["cursor"]["begun"] and 0 < meta["cursor"]["task"] < 5
+  resumed = train.run_seed(small_config(cache_dir), 1993, str(tmp_path))
+  assert resumed["acc_matrix"] == full["acc_matrix"]
+  assert resumed["curves"] == full["curves"]
+
+
+def test_different_config_in_workdir_is_refused(uninterrupted, cache_dir):
+  workdir, _ = uninterrupted
+  with pytest.raises(ckpt_lib.ConfigMismatchError, match="method"):
+    train.run_seed(small_config(cache_dir, method="sdlora_kd"), 1993, str(workdir))
+
+
+@pytest.mark.parametrize("method", ["sdlora_rr", "sdlora_kd", "seq_lora", "joint"])
+def test_methods_run_end_to_end(method, tmp_path, cache_dir):
+  c = small_config(cache_dir, method=method)
+  c.adapter.rank_schedule = ((0, 4), (2, 3), (4, 2))
+  res = train.run_seed(c, 1994, str(tmp_path))
+  n = 1 if method == "joint" else 5
+  assert res["summary"]["num_tasks"] == n
+  if method == "joint":
+    assert len(res["joint_group_top1"]) == 5
+  if method == "sdlora_rr":
+    assert res["stored_directions"] == 5
+
+
+def test_cli_demo_shortened(tmp_path, cache_dir):
+  """The entry point with no --config (the demo), shortened by flags."""
+  workdir = tmp_path / "demo"
+  args = [sys.executable, "-m", "experiments.run", f"--workdir={workdir}",
+          "--config.train.max_steps_per_task=2",
+          "--config.model.pretrain.steps=10",
+          f"--config.model.pretrain.cache_dir={cache_dir}",
+          "--config.model.pretrain.train_per_class=8",
+          "--config.data.max_test_per_class=10",
+          "--config.data.max_train_per_class=40"]
+  env = dict(os.environ, PYTHONPATH=ROOT)
+  r = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True,
+                     timeout=900)
+  assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+  assert "Acc" in r.stdout and "AAA" in r.stdout
+  res = json.load(open(workdir / "seed_1993" / "results.json"))
+  assert res["summary"]["num_tasks"] == 5
+  src = "idx" if os.path.isdir(FMNIST) else "synthetic"
+  assert res["config"]["data"]["source"] == src
