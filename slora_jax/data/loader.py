@@ -1,25 +1,36 @@
 """Deterministic, resumable, parallel batch iterators over a `Split`.
 
 A batch is ``{'image': float32 (b, H, W, 3), 'label': int32 (b,), 'mask':
-float32 (b,)}`` holding this process's rows of the global batch. The last
-partial batch of an epoch is padded (``mask`` 0) so every step has the same
-shapes and the step compiles once; the padded rows add nothing to the loss,
-which matches the reference's ``drop_last=False``.
+float32 (b,)}``: this process's ``b = batch_size / process_count`` rows of the
+global batch. The last partial batch of an epoch is padded with zero images
+(``mask`` 0) so every step has the same shapes and compiles once. The reference
+trains with ``drop_last=False`` (SD-LoRA-SPEC.md §4) and averages the loss over
+the real samples of each batch; with the mask the same samples are seen and
+the padded rows add nothing.
 
-The order of step ``s`` is a pure function of (seed, task, epoch), and each
-sample's augmentation of (seed, task, epoch, sample index), so a run resumed at
-step ``s`` sees exactly the batches an uninterrupted run sees. Samples are
-decoded by a thread pool (PIL and numpy release the GIL) and ``prefetch``
-batches are in flight ahead of the consumer.
+Training step ``s`` belongs to epoch ``s // steps_per_epoch``; an epoch's
+sample order is a permutation drawn from ``SeedSequence([seed, task, epoch])``
+and each sample's augmentation from a child of it keyed by the sample's index
+(`transforms.sample_rng`). So a batch is a pure function of (seed, task, step):
+a run resumed at step ``s`` sees exactly the batches of an uninterrupted run,
+whatever the number of threads. With several processes every process draws
+the same global batch and decodes only its own contiguous slice of it.
+
+Samples are decoded and transformed by a thread pool (PIL and numpy release
+the GIL); a background thread assembles up to ``prefetch`` batches ahead.
+Iterators are context managers: leaving the ``with`` block (or ``close()``,
+or reaching the end) stops the threads.
 """
 
 from __future__ import annotations
 
-import collections
 import concurrent.futures
+import logging
 import math
+import queue
+import threading
 import time
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -27,147 +38,286 @@ from slora_jax.data import sources
 from slora_jax.data import transforms
 
 __all__ = ["BatchIterator", "train_batches", "eval_batches", "steps_per_epoch",
-           "epoch_order", "measure_throughput"]
+           "epoch_order", "local_rows", "measure_throughput"]
+
+_PAD = -1
 
 
 def steps_per_epoch(num_samples: int, batch_size: int) -> int:
-  return max(1, math.ceil(num_samples / batch_size))
+  """``ceil(num_samples / batch_size)``: the last partial batch is kept."""
+  if num_samples <= 0 or batch_size <= 0:
+    raise ValueError(f"need samples and a positive batch size, got "
+                     f"{num_samples} samples and batch size {batch_size}")
+  return math.ceil(num_samples / batch_size)
 
 
 def epoch_order(num_samples: int, seed: int, task: int, epoch: int) -> np.ndarray:
   """The shuffled sample positions of one epoch."""
-  return transforms.sample_rng(seed, task, epoch).permutation(num_samples)
+  return transforms.epoch_rng(seed, task, epoch).permutation(num_samples)
 
 
-def _local_rows(batch_size: int, process_index: int, process_count: int) -> slice:
+def local_rows(batch_size: int, process_index: int, process_count: int) -> slice:
+  """This process's contiguous slice of a global batch."""
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process index {process_index} outside 0..{process_count - 1}")
   if batch_size % process_count:
-    raise ValueError(f"the global batch size {batch_size} must be divisible by "
-                     f"the number of processes {process_count}")
+    raise sources.DataError(
+        f"the global batch size {batch_size} is not divisible by the "
+        f"{process_count} processes; set --config.train.batch_size and "
+        "eval_batch_size to multiples of the process count")
   per = batch_size // process_count
   return slice(process_index * per, (process_index + 1) * per)
 
 
+def _padded(chosen: np.ndarray, batch_size: int) -> np.ndarray:
+  out = np.full(batch_size, _PAD, np.int64)
+  out[:len(chosen)] = chosen
+  return out
+
+
+class _Producer:
+  """The background side of a `BatchIterator` (holds no reference to it, so
+  an abandoned iterator is garbage collected and its threads stopped)."""
+
+  def __init__(self, split, labels, transform, image_shape, num_workers,
+               prefetch):
+    self.split, self.labels, self.transform = split, labels, transform
+    self.shape = image_shape
+    self.stop = threading.Event()
+    self.queue: queue.Queue = queue.Queue(maxsize=max(1, int(prefetch)))
+    self.pool = concurrent.futures.ThreadPoolExecutor(
+        max_workers=max(1, int(num_workers)), thread_name_prefix="slora-decode")
+
+  def _load(self, images: np.ndarray, row: int, index: int, key) -> None:
+    if self.stop.is_set():
+      return
+    rng = None if key is None else transforms.sample_rng(*key, index)
+    x = self.transform(self.split.read(index), rng)
+    if x.shape != self.shape:
+      raise ValueError(f"{self.split.describe(index)}: the transform gave "
+                       f"shape {x.shape}, expected {self.shape}")
+    images[row] = x
+
+  def _assemble(self, indices: np.ndarray, key) -> dict:
+    indices = np.asarray(indices, np.int64)
+    images = np.zeros((len(indices),) + self.shape, np.float32)
+    futures = [self.pool.submit(self._load, images, row, int(i), key)
+               for row, i in enumerate(indices) if i != _PAD]
+    try:
+      for f in futures:
+        f.result()
+    except BaseException:
+      for f in futures:
+        f.cancel()
+      raise
+    valid = indices != _PAD
+    labels = np.where(valid, self.labels[np.where(valid, indices, 0)], 0)
+    return {"image": images, "label": labels.astype(np.int32),
+            "mask": valid.astype(np.float32)}
+
+  def _put(self, item) -> bool:
+    while not self.stop.is_set():
+      try:
+        self.queue.put(item, timeout=0.05)
+        return True
+      except queue.Full:
+        continue
+    return False
+
+  def run(self, plan: Iterator) -> None:
+    try:
+      for indices, key in plan:
+        if self.stop.is_set():
+          return
+        if not self._put(("batch", self._assemble(indices, key))):
+          return
+      self._put(("end", None))
+    except BaseException as e:  # pylint: disable=broad-except
+      if not self.stop.is_set():
+        self._put(("error", e))
+
+  def shutdown(self, thread: threading.Thread | None) -> None:
+    self.stop.set()
+    self.pool.shutdown(wait=False, cancel_futures=True)
+    while True:  # unblock a producer waiting on a full queue
+      try:
+        self.queue.get_nowait()
+      except queue.Empty:
+        break
+    if thread is not None and thread is not threading.current_thread():
+      thread.join(timeout=30)
+      if thread.is_alive():
+        logging.warning("the data prefetch thread did not stop within 30 s")
+        return
+    # Samples being decoded finish (the others were cancelled); then no
+    # thread of this iterator is left.
+    self.pool.shutdown(wait=True)
+
+
 class BatchIterator:
-  """Iterates over planned batches; closes its threads on exit or ``close()``.
+  """Decodes planned batches in background threads; yields them in order.
 
   Args:
     split: the data.
-    plan: an iterable of (sample indices, rng keys) per batch; index -1 is a
-      padded row; a key of None means no randomness (evaluation).
+    plan: iterable of ``(sample indices, epoch key)`` per batch. Index -1 is a
+      padded row. The epoch key ``(seed, task, epoch)`` seeds each sample's
+      augmentation with `transforms.sample_rng`; None means no randomness
+      (evaluation).
     labels: the label of every sample of ``split`` (already remapped).
-    transform: ``(uint8 image, rng or None) -> float32 image``.
-    image_shape: (H, W, C) of a transformed image (for padded rows).
+    transform: ``(uint8 image, rng or None) -> float32 image_shape``.
+    image_shape: (H, W, C) of a transformed image.
+    num_batches: how many batches ``plan`` yields (``len()`` of the iterator).
     num_workers: decoding threads.
-    prefetch: batches decoded ahead.
+    prefetch: batches assembled ahead of the consumer.
   """
 
-  def __init__(self, split: sources.Split, plan, labels: np.ndarray,
-               transform: Callable, image_shape: Sequence[int],
+  def __init__(self, split: sources.Split,
+               plan: Iterable[tuple[np.ndarray, tuple[int, int, int] | None]],
+               labels: np.ndarray, transform: Callable,
+               image_shape: Sequence[int], num_batches: int,
                num_workers: int = 4, prefetch: int = 2):
-    self._split, self._labels, self._transform = split, labels, transform
-    self._shape = tuple(image_shape)
-    self._plan = iter(plan)
-    self._pool = concurrent.futures.ThreadPoolExecutor(
-        max_workers=max(1, num_workers), thread_name_prefix="slora-data")
-    self._queue = collections.deque()
-    self._prefetch = max(1, prefetch)
-    self._closed = False
-    for _ in range(self._prefetch):
-      self._submit()
+    labels = np.asarray(labels)
+    if len(labels) != len(split):
+      raise ValueError(f"{len(labels)} labels for {len(split)} samples")
+    self._num_batches = int(num_batches)
+    self._closed, self._thread = False, None
+    self._producer = _Producer(split, labels, transform,
+                               tuple(int(s) for s in image_shape), num_workers,
+                               prefetch)
+    self._thread = threading.Thread(target=self._producer.run,
+                                    args=(iter(plan),), name="slora-prefetch",
+                                    daemon=True)
+    self._thread.start()
 
-  def _load(self, index: int, key) -> np.ndarray:
-    if index < 0:
-      return np.zeros(self._shape, np.float32)
-    rng = None if key is None else transforms.sample_rng(*key)
-    return self._transform(self._split.read(index), rng)
-
-  def _submit(self) -> None:
-    spec = next(self._plan, None)
-    if spec is None:
-      return
-    indices, keys = spec
-    futures = [self._pool.submit(self._load, int(i), None if keys is None else k)
-               for i, k in zip(indices, keys if keys is not None
-                               else [None] * len(indices))]
-    self._queue.append((np.asarray(indices), futures))
+  def __len__(self) -> int:
+    return self._num_batches
 
   def __iter__(self) -> Iterator[dict]:
     return self
 
   def __next__(self) -> dict:
-    if self._closed or not self._queue:
-      self.close()
+    if self._closed:
       raise StopIteration
-    indices, futures = self._queue.popleft()
-    self._submit()
-    images = np.stack([f.result() for f in futures])
-    valid = indices >= 0
-    labels = np.where(valid, self._labels[np.maximum(indices, 0)], 0)
-    return {"image": images, "label": labels.astype(np.int32),
-            "mask": valid.astype(np.float32)}
+    while True:
+      try:
+        kind, payload = self._producer.queue.get(timeout=0.5)
+        break
+      except queue.Empty:
+        if not self._thread.is_alive() and self._producer.queue.empty():
+          self.close()
+          raise RuntimeError("the data loading thread stopped unexpectedly")
+    if kind == "batch":
+      return payload
+    self.close()
+    if kind == "error":
+      raise payload
+    raise StopIteration
 
   def close(self) -> None:
-    if not self._closed:
-      self._closed = True
-      self._pool.shutdown(wait=False, cancel_futures=True)
-      self._queue.clear()
+    """Stops the threads; pending batches are dropped. Safe to call twice."""
+    if self._closed:
+      return
+    self._closed = True
+    self._producer.shutdown(self._thread)
 
-  def __enter__(self):
+  def __enter__(self) -> "BatchIterator":
     return self
 
-  def __exit__(self, *exc):
+  def __exit__(self, *exc) -> None:
     self.close()
+
+  def __del__(self):
+    if getattr(self, "_producer", None) is not None:
+      self.close()
+
+
+def _image_shape(transform, image_shape):
+  if image_shape is not None:
+    return tuple(image_shape)
+  return (transform.size, transform.size, 3)
 
 
 def train_batches(split: sources.Split, indices: np.ndarray, labels: np.ndarray,
-                  batch_size: int, transform: Callable, image_shape, *, seed: int,
-                  task: int, start_step: int, num_steps: int,
-                  process_index: int = 0, process_count: int = 1,
-                  num_workers: int = 4, prefetch: int = 2) -> BatchIterator:
+                  batch_size: int, transform: Callable,
+                  image_shape: Sequence[int] | None = None, *, seed: int,
+                  task: int, start_step: int = 0, num_steps: int,
+                  shuffle: bool = True, process_index: int = 0,
+                  process_count: int = 1, num_workers: int = 4,
+                  prefetch: int = 2) -> BatchIterator:
   """Training batches for global steps ``start_step .. num_steps - 1``.
 
-  ``indices`` are the split positions of this task's samples; epochs reshuffle
-  them with `epoch_order`.
+  Args:
+    split: the training split.
+    indices: the split positions of this phase's samples (e.g. one task's).
+    labels: the (remapped) label of every sample of ``split``.
+    batch_size: the global batch size.
+    transform: e.g. `transforms.TrainTransform`.
+    image_shape: (H, W, C) of a transformed image (default from
+      ``transform.size``).
+    seed, task: with the epoch, fix the order and the augmentation.
+    start_step: the first step to yield (resume).
+    num_steps: the end step (exclusive); may span several epochs.
+    shuffle: reshuffle every epoch (False: ``indices`` order every epoch).
+    process_index, process_count: which rows of each global batch to decode.
+    num_workers: decoding threads.
+    prefetch: batches assembled ahead.
+
+  Returns:
+    A `BatchIterator` of ``num_steps - start_step`` local batches.
   """
-  indices = np.asarray(indices)
-  rows = _local_rows(batch_size, process_index, process_count)
+  indices = np.asarray(indices, np.int64)
+  rows = local_rows(batch_size, process_index, process_count)
   spe = steps_per_epoch(len(indices), batch_size)
+  if start_step < 0:
+    raise ValueError(f"start_step must be >= 0, got {start_step}")
 
   def plan():
     order, cached_epoch = None, -1
     for step in range(start_step, num_steps):
       epoch, j = divmod(step, spe)
       if epoch != cached_epoch:
-        order, cached_epoch = indices[epoch_order(len(indices), seed, task, epoch)], epoch
-      chosen = order[j * batch_size:(j + 1) * batch_size]
-      chosen = np.concatenate([chosen, -np.ones(batch_size - len(chosen), int)])
-      local = chosen[rows]
-      yield local, [(seed, task, epoch, int(i)) for i in local]
+        order = (indices[epoch_order(len(indices), seed, task, epoch)]
+                 if shuffle else indices)
+        cached_epoch = epoch
+      chosen = _padded(order[j * batch_size:(j + 1) * batch_size], batch_size)
+      yield chosen[rows], (seed, task, epoch)
 
-  return BatchIterator(split, plan(), labels, transform, image_shape,
-                       num_workers, prefetch)
+  return BatchIterator(split, plan(), labels, transform,
+                       _image_shape(transform, image_shape),
+                       max(0, num_steps - start_step), num_workers, prefetch)
 
 
 def eval_batches(split: sources.Split, indices: np.ndarray, labels: np.ndarray,
-                 batch_size: int, transform: Callable, image_shape, *,
+                 batch_size: int, transform: Callable,
+                 image_shape: Sequence[int] | None = None, *,
                  process_index: int = 0, process_count: int = 1,
                  num_workers: int = 4, prefetch: int = 2) -> BatchIterator:
-  """Every sample of ``indices`` once, in order; the last batch padded."""
-  indices = np.asarray(indices)
-  rows = _local_rows(batch_size, process_index, process_count)
+  """Every sample of ``indices`` once, in order; the last batch padded.
+
+  Every process yields the same number of batches (its slice of each global
+  batch), so collective evaluation steps stay in lockstep.
+  """
+  indices = np.asarray(indices, np.int64)
+  rows = local_rows(batch_size, process_index, process_count)
+  n = steps_per_epoch(len(indices), batch_size) if len(indices) else 0
 
   def plan():
-    for j in range(steps_per_epoch(len(indices), batch_size)):
-      chosen = indices[j * batch_size:(j + 1) * batch_size]
-      chosen = np.concatenate([chosen, -np.ones(batch_size - len(chosen), int)])
-      yield chosen[rows], None
+    for j in range(n):
+      yield _padded(indices[j * batch_size:(j + 1) * batch_size],
+                    batch_size)[rows], None
 
-  return BatchIterator(split, plan(), labels, transform, image_shape,
-                       num_workers, prefetch)
+  return BatchIterator(split, plan(), labels, transform,
+                       _image_shape(transform, image_shape), n, num_workers,
+                       prefetch)
 
 
-def measure_throughput(iterator, num_batches: int, warmup: int = 1) -> float:
-  """Images per second delivered by ``iterator`` (real rows only)."""
+def measure_throughput(iterator: BatchIterator, num_batches: int,
+                       warmup: int = 1) -> float:
+  """Images per second (real rows only) that ``iterator`` delivers.
+
+  Consumes ``warmup`` batches untimed, then times ``num_batches``; closes the
+  iterator.
+  """
   with iterator:
     for _ in range(warmup):
       next(iterator)

@@ -1,0 +1,131 @@
+"""The speed benchmark end to end, at the smallest settings.
+
+Runs ``python -m experiments.benchmark`` once in a fresh process (so compile
+counts see only the benchmark) and checks the table's structure and its
+non-timing facts: one compilation of the train step for a whole run, the
+same program whatever the number of stored tasks, donated inputs. Timing
+ratios are never asserted here.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from experiments import benchmark
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TASKS = (0, 1, 5)
+ARGS = ["--model=vit_ti16", "--depth=4", "--image_size=32", "--batch=2",
+        f"--tasks={','.join(map(str, TASKS))}", "--repeats=1",
+        "--run_capacity=8", "--pipeline_batch=8", "--pipeline_batches=2",
+        "--workers=2"]
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory):
+  path = tmp_path_factory.mktemp("bench") / "table.json"
+  proc = subprocess.run(
+      [sys.executable, "-m", "experiments.benchmark", *ARGS, f"--json_out={path}"],
+      cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with open(path, encoding="utf-8") as f:
+    data = json.load(f)
+  data["stdout"] = proc.stdout
+  data["by_name"] = {r["name"]: r for r in data["rows"]}
+  return data
+
+
+def test_table_has_every_row(result):
+  rows = result["by_name"]
+  expected = [f"train step, t={t} (capacity 100)" for t in TASKS] + [
+      "plain LoRA train step (rank 10)",
+      "train step, t=0 (capacity 8)",
+      "train step compile time (trace+lower+compile)",
+      "train step compilations, simulated 20-task run",
+      "train step compilations, whole benchmark (t sweep + run)",
+      "compile counter self-check (2 shapes: 2 compilations)",
+      "train step jaxpr equations, t=0",
+      "train step jaxpr equations, t=5",
+      "loop primitives in the train step",
+      "train step inputs donated",
+      "host time to dispatch a train step",
+      "FLOPs per train step (XLA cost analysis)",
+      "FLOPs per train step (analytic)",
+      "FLOPs per plain LoRA step (XLA cost analysis)",
+      "eval forward, plain ViT",
+      "eval forward, merged parameters t=0",
+      "eval forward, merged parameters t=5",
+      "merge (once per task)",
+      "images/s the train step consumes (t=0)",
+      "peak host memory after the simulated run",
+      "peak host memory, whole benchmark",
+      "matmul peak, XLA (f32 2048^3, best of 5)",
+      "FLOPs per eval forward (XLA cost analysis)",
+      "GFLOP/s the reference plain eval (1.04 s) implies",
+      "step(t=19) / step(t=0)",
+      "step(t=99) / step(t=0)",
+      "step(t=0) / plain LoRA step (capacity 100)",
+      "step(t=0) / plain LoRA step (capacity 8)",
+      "merged eval (t=5) / plain ViT eval",
+      "JPEG pipeline / train step images/s",
+      "step(t=19) vs PyTorch reference (3.28 s)",
+      "step(t=0) vs PyTorch reference (2.34 s)",
+  ]
+  missing = [name for name in expected if name not in rows]
+  assert not missing, missing
+  pipeline = [n for n in rows if n.startswith("input pipeline, ")]
+  assert len(pipeline) == 2 and all(rows[n]["value"] > 0 for n in pipeline)
+  for t in TASKS:
+    assert rows[f"train step, t={t} (capacity 100)"]["value"] > 0
+  # Every row is printed, and the JSON matches the printed table.
+  for name in rows:
+    assert name in result["stdout"]
+
+
+def test_one_compilation_per_run(result):
+  rows = result["by_name"]
+  assert rows["compile counter self-check (2 shapes: 2 compilations)"][
+      "verdict"] == "PASS"
+  sim = rows["train step compilations, simulated 20-task run"]
+  assert sim["value"] == 1 and sim["verdict"] == "PASS"
+  whole = rows["train step compilations, whole benchmark (t sweep + run)"]
+  assert whole["value"] == 1 and whole["verdict"] == "PASS"
+
+
+def test_program_does_not_grow_with_tasks(result):
+  rows = result["by_name"]
+  n0 = rows["train step jaxpr equations, t=0"]["value"]
+  n5 = rows["train step jaxpr equations, t=5"]
+  assert n0 > 0 and n5["value"] == n0 and n5["verdict"] == "PASS"
+  assert rows["loop primitives in the train step"]["value"] == "none"
+  assert rows["train step inputs donated"]["value"] is True
+
+
+def test_not_applicable_targets_say_so(result):
+  rows = result["by_name"]
+  # Not the reference setting (ViT-B/16, 224 px, batch 4) and no t=19/99.
+  for name in ("step(t=19) vs PyTorch reference (3.28 s)",
+               "GFLOP/s the reference plain eval (1.04 s) implies",
+               "step(t=19) / step(t=0)", "JPEG pipeline / train step images/s"):
+    assert rows[name]["verdict"] == "n/a"
+  for row in result["rows"]:
+    assert row["verdict"] in ("", "PASS", "FAIL", "n/a"), row
+
+
+def test_analytic_flops_match_xla(result):
+  rows = result["by_name"]
+  xla = rows["FLOPs per train step (XLA cost analysis)"]["value"]
+  hand = rows["FLOPs per train step (analytic)"]["value"]
+  assert xla == pytest.approx(hand, rel=0.1)
+
+
+def test_counter_self_check_in_process():
+  assert benchmark.counter_self_check()
+
+
+def test_settings_reject_small_capacity():
+  with pytest.raises(ValueError, match="capacity"):
+    benchmark.Settings(tasks=(0, 99), capacity=50)
