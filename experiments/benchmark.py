@@ -56,6 +56,9 @@ _PIPELINE_BATCHES = flags.DEFINE_integer("pipeline_batches", 6,
                                          "Timed input-pipeline batches.")
 _WORKERS = flags.DEFINE_integer("workers", 4, "Input-pipeline threads.")
 _JSON = flags.DEFINE_string("json_out", None, "Also save the table as JSON here.")
+_TORCH = flags.DEFINE_bool(
+    "torch", False, "Also time the PyTorch reference's arithmetic "
+    "(experiments/torch_reference.py) at the same settings, in this process.")
 
 # The PyTorch reference (ViT-B/16, 224 px, batch 4, float32) on this machine.
 REFERENCE_SETTING = dict(model="vit_b16", image_size=224, patch_size=16,
@@ -93,6 +96,7 @@ class Settings:
   pipeline_batches: int = 6
   workers: int = 4
   json: str | None = None
+  torch: bool = False
 
   def __post_init__(self):
     self.tasks = tuple(sorted({int(t) for t in self.tasks}))
@@ -118,7 +122,7 @@ def settings_from_flags() -> Settings:
       num_classes=_NUM_CLASSES.value, pipeline=_PIPELINE.value,
       pipeline_batch=_PIPELINE_BATCH.value,
       pipeline_batches=_PIPELINE_BATCHES.value, workers=_WORKERS.value,
-      json=_JSON.value)
+      json=_JSON.value, torch=_TORCH.value)
 
 
 # ----------------------------------------------------------------- the table
@@ -832,6 +836,10 @@ def run(s: Settings) -> dict:
                 ratio(merged_eval[t], REFERENCE_EVAL_S[t]) if is_ref else None,
                 "x")
 
+  if s.torch:
+    _torch_rows(table, s, cfg, step_s, merged_eval, plain_eval, ratio)
+  phase("torch")
+
   # A reference time is only comparable if this machine could run it at all.
   implied = (eval_flops / REFERENCE_PLAIN_EVAL_S / 1e9
              if is_ref and eval_flops else None)
@@ -855,13 +863,40 @@ def run(s: Settings) -> dict:
           "rows": table.to_json(), "table": table}
 
 
+def _torch_rows(table, s, cfg, step_s, merged_eval, plain_eval, ratio):
+  """Times the reference's arithmetic in PyTorch and compares, same process."""
+  from experiments import torch_reference  # pylint: disable=import-outside-toplevel
+  tasks = tuple(t for t in (0, 19) if t in step_s)
+  ref = torch_reference.time_reference(
+      tasks=tasks, batch=s.batch, repeats=s.repeats, depth=cfg.depth,
+      width=cfg.width, heads=cfg.num_heads, mlp=cfg.mlp_dim,
+      image_size=cfg.image_size, patch=cfg.patch_size,
+      num_classes=s.num_classes, rank=s.rank)
+  table.add(f"PyTorch {ref['version']} ({ref['threads']} threads): plain eval",
+            ref["plain_eval"], "s")
+  for t in tasks:
+    table.add(f"PyTorch reference port: train step t={t}", ref["step"][t], "s")
+    table.add(f"PyTorch reference port: eval forward t={t}", ref["eval"][t], "s")
+  for t, factor in ((19, 0.8), (0, 1.0)):
+    if t in tasks:
+      r = ratio(step_s[t], ref["step"][t])
+      table.check(f"step(t={t}) / PyTorch port step(t={t}), measured", r, "x",
+                  f"<= {factor}", None if r is None else r <= factor)
+  r = ratio(plain_eval, ref["plain_eval"])
+  table.add("plain eval / PyTorch plain eval, measured", r, "x")
+  t_hi = max(merged_eval)
+  if t_hi in ref["eval"]:
+    table.add(f"merged eval(t={t_hi}) / PyTorch port eval(t={t_hi}), measured",
+              ratio(merged_eval[t_hi], ref["eval"][t_hi]), "x")
+
+
 def _max_rss_mib() -> float:
   """Peak resident memory of this process so far (Linux reports KiB)."""
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def matmul_peak(n: int = 2048, repeats: int = 5) -> dict[str, float]:
-  """GFLOP/s of an f32 n³ matmul in XLA and in numpy (the machine's BLAS)."""
+  """GFLOP/s of an f32 n³ matmul in XLA, numpy and (if installed) torch."""
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -869,8 +904,14 @@ def matmul_peak(n: int = 2048, repeats: int = 5) -> dict[str, float]:
   out = {}
   f = jax.jit(lambda x: x @ x)
   x = jnp.asarray(a)
-  for name, call in (("XLA", lambda: jax.block_until_ready(f(x))),
-                     ("numpy", lambda: a @ a)):
+  calls = [("XLA", lambda: jax.block_until_ready(f(x))), ("numpy", lambda: a @ a)]
+  try:  # PyTorch's BLAS (MKL on x86) sets what the reference can reach here.
+    import torch  # pylint: disable=import-outside-toplevel
+    ta = torch.from_numpy(a)
+    calls.append(("torch", lambda: torch.mm(ta, ta)))
+  except ImportError:
+    pass
+  for name, call in calls:
     call()
     best = float("inf")
     for _ in range(repeats):

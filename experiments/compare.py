@@ -9,8 +9,11 @@ Runs are grouped by (benchmark id, method, semantics); the benchmark id is
 mean ± sample standard deviation (ddof=1) and the standard error over runs of
 Acc and AAA, then every published reference for that benchmark and method
 (paper table, official log, LibContinual rerun) with its source and the
-difference ours − reference. Paper values are means of 5 runs with standard
-errors; logs and LibContinual are single runs with other seeds/class orders.
+difference ours − reference, then which of the three kinds has no number for
+that benchmark and method, and the caveats recorded with each reference (code
+version, class order, magnitude init). Paper values are means of 5 runs with
+standard errors; logs and LibContinual are single runs with other seeds/class
+orders.
 Exit status 2 with a one-line error for missing or invalid files.
 """
 
@@ -30,6 +33,9 @@ from slora_jax.results import ResultsError, load_results, write_json
 _JSON = flags.DEFINE_string("json", None, "Also write the comparison to this JSON file.")
 
 METRICS = (("acc", "Acc"), ("aaa", "AAA"))
+# The three kinds of published reference, in the order they are listed.
+KINDS = (("paper", "paper table"), ("official_log", "official log"),
+         ("libcontinual", "LibContinual rerun"))
 
 
 def _semantics_name(semantics) -> str:
@@ -75,7 +81,9 @@ def compare_runs(runs: Sequence[tuple[str, dict]]) -> list[dict]:
       group[key] = stats([res["summary"][key] for _, res in members])
     refs = []
     for ref in reference_numbers.references(benchmark, method):
-      entry = {"kind": ref["kind"], "source": ref["source"]}
+      entry = {"kind": ref["kind"], "source": ref["source"],
+               "n_runs": ref.get("n_runs"), "seed": ref.get("seed"),
+               "notes": ref.get("notes")}
       for key, _ in METRICS:
         entry[key] = ref.get(key)
         entry[f"{key}_se"] = ref.get(f"{key}_se")
@@ -83,6 +91,8 @@ def compare_runs(runs: Sequence[tuple[str, dict]]) -> list[dict]:
                                 else group[key]["mean"] - ref[key])
       refs.append(entry)
     group["references"] = refs
+    present = {r["kind"] for r in refs}
+    group["unpublished_kinds"] = [k for k, _ in KINDS if k not in present]
     out.append(group)
   return out
 
@@ -120,6 +130,15 @@ def format_comparison(groups: Sequence[dict]) -> str:
         lead = prefix if i == 0 else " " * len(prefix)
         lines.append(lead + f"{_fmt(ref[key]):>6} {_fmt(ref[key + '_se']):>6} "
                      f"{_fmt(ref[key + '_diff'], sign=True):>6}   {ref['source']}")
+    labels = dict(KINDS)
+    if g["references"] and g.get("unpublished_kinds"):
+      # Say which kinds are absent, so a missing row is not read as an omission.
+      lines.append("   no number published for this benchmark and method in: "
+                   + ", ".join(labels[k] for k in g["unpublished_kinds"]))
+    for ref in g["references"]:
+      if ref.get("notes"):
+        lines.append(f"   note on the {labels.get(ref['kind'], ref['kind'])}: "
+                     f"{ref['notes']}")
     lines.append("")
   return "\n".join(lines)
 

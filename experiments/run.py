@@ -5,8 +5,12 @@
       --config.model.checkpoint=/path/model.safetensors --workdir=runs/inr10
 
 Rerunning with the same ``--workdir`` resumes from the latest checkpoint.
+Problems a user can fix (bad flags or config keys, data, workdir, weights)
+end the run with one line ``error: ...`` on stderr and exit code 2.
 """
 
+import difflib
+import importlib.util
 import logging as std_logging
 import os
 import sys
@@ -19,9 +23,6 @@ from ml_collections import config_flags
 _DEMO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs",
                      "demo.py")
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", _DEMO, "Experiment config file (default: the offline demo).",
-    lock_config=True)
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Output directory (checkpoints, results.json, plots, "
     "TensorBoard events). Default: runs/<config name>.")
@@ -30,6 +31,84 @@ _WORKDIR = flags.DEFINE_string(
 def default_workdir(config_path: str) -> str:
   name = os.path.splitext(os.path.basename(config_path.split(":")[0]))[0]
   return os.path.join("runs", name)
+
+
+def _fail(message: str):
+  print(f"error: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
+  sys.exit(2)
+
+
+def _config_file(argv) -> str:
+  path = _DEMO
+  for i, a in enumerate(argv):
+    if a.startswith("--config="):
+      path = a.split("=", 1)[1]
+    elif a == "--config" and i + 1 < len(argv):
+      path = argv[i + 1]
+  return path
+
+
+def _config_keys(node, prefix=""):
+  """Every dotted key of a config (sections and leaves)."""
+  for k in node.keys():
+    yield prefix + k
+    child = node[k]
+    if hasattr(child, "keys"):
+      yield from _config_keys(child, f"{prefix}{k}.")
+
+
+def _unknown_key_message(argv) -> str | None:
+  """Names the first ``--config.KEY`` the config lacks and the nearest key."""
+  path = _config_file(argv)
+  file, _, arg = path.partition(":")
+  spec = importlib.util.spec_from_file_location("_slora_config", file)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config(arg) if arg else module.get_config()
+  keys = list(_config_keys(config))
+  for a in argv[1:]:
+    if not a.startswith(("--config.", "--noconfig.")):
+      continue
+    key = a.split("=", 1)[0].split("config.", 1)[1]
+    node = config
+    for part in key.split("."):
+      if not hasattr(node, "keys") or part not in node:
+        near = difflib.get_close_matches(key, keys, n=1, cutoff=0.5)
+        hint = (f"did you mean --config.{near[0]}?" if near
+                else "no key is close to it")
+        return (f"unknown config key {key!r} (in {a}); {hint} (the valid "
+                f"keys are those of {file})")
+      node = node[part]
+  return None
+
+
+def _bad_override(e: Exception, argv):
+  try:
+    message = _unknown_key_message(argv)
+  except Exception:  # pylint: disable=broad-except
+    message = None   # e.g. the config file itself fails: keep the first text
+  _fail(message or f"bad config override: {e.args[0] if e.args else e}")
+
+
+def _parse_flags(argv):
+  """absl's parsing; a bad flag or config key is one line and exit code 2."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    _fail(f"{e}; see --helpfull")
+  except (KeyError, AttributeError) as e:
+    # ml_collections refuses a key that the (locked) config does not have.
+    _bad_override(e, argv)
+
+
+try:
+  # With the default config file, ml_collections applies the overrides in
+  # sys.argv already here, so an unknown key is refused at definition time.
+  _CONFIG = config_flags.DEFINE_config_file(
+      "config", _DEMO, "Experiment config file (default: the offline demo).",
+      lock_config=True)
+except (KeyError, AttributeError) as err:
+  _bad_override(err, sys.argv)
 
 
 def main(argv):
@@ -44,10 +123,9 @@ def main(argv):
   try:
     train.train_and_evaluate(config, workdir)
   except errors.USER_ERRORS as e:
-    print(f"error: {e}", file=sys.stderr, flush=True)
-    sys.exit(2)
+    _fail(e)
 
 
 if __name__ == "__main__":
   std_logging.getLogger("absl").setLevel(std_logging.INFO)
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

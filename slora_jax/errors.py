@@ -1,16 +1,13 @@
 """The errors a user can cause and fix; entry points print them as one line."""
 
 from slora_jax.checkpoint import ConfigMismatchError
+from slora_jax.checkpoint import WorkdirError
 from slora_jax.data.sources import DataError
 from slora_jax.models.convert import CheckpointMismatchError
 
 
 class NonFiniteLossError(FloatingPointError):
-  """The training loss became NaN or infinite."""
-
-
-class WorkdirError(OSError):
-  """The workdir cannot be written (read-only, full disk)."""
+  """The training loss (or the trained parameters) became NaN or infinite."""
 
 
 USER_ERRORS = (DataError, ConfigMismatchError, CheckpointMismatchError,

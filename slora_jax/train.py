@@ -10,6 +10,7 @@ functions of (seed, task, epoch, sample).
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import logging
 import math
@@ -27,6 +28,7 @@ from slora_jax import backbone as backbone_lib
 from slora_jax import checkpoint as ckpt_lib
 from slora_jax import errors
 from slora_jax import experiment_data
+from slora_jax import faults
 from slora_jax import metrics
 from slora_jax import parallel
 from slora_jax import results as results_lib
@@ -95,10 +97,30 @@ def fingerprint(config, seed: int, order, task_sizes) -> dict:
 
 
 def run_seed(config, seed: int, workdir: str) -> dict:
-  """One full continual-learning run; returns the results payload."""
+  """One full continual-learning run; returns the results payload.
+
+  A workdir that is not writable is refused before anything else; a full
+  disk or a read-only workdir met later becomes a one-line `WorkdirError`.
+  """
   if config.method not in METHODS:
     raise ValueError(f"unknown method {config.method!r}; choose from {METHODS}")
-  os.makedirs(workdir, exist_ok=True)
+  ckpt_lib.check_workdir(workdir)                   # before data and compiles
+  try:
+    return _run_seed(config, seed, workdir)
+  except errors.USER_ERRORS:
+    raise
+  except OSError as e:
+    if ckpt_lib.is_disk_full(e):
+      raise ckpt_lib.disk_full_error(workdir, e.filename) from e
+    if e.errno == errno.EROFS:
+      raise errors.WorkdirError(
+          e.errno, f"the workdir {workdir} became read-only ({e.filename}); "
+          "pass a writable --workdir, or copy the run to one to resume "
+          "it") from e
+    raise
+
+
+def _run_seed(config, seed: int, workdir: str) -> dict:
   data = experiment_data.prepare(config, seed)      # validates before compiling
   logging.info("seed %d: %d tasks, class sizes %s", seed, data.num_tasks,
                data.task_sizes)
@@ -139,17 +161,37 @@ def run_seed(config, seed: int, workdir: str) -> dict:
     done = saved["done"]
     logging.info("resuming at task %d step %d (%s)", cursor.task, cursor.step,
                  "in task" if cursor.begun else "between tasks")
+    faults.point("restore")
   adapters, head = parallel.replicate((adapters, head), mesh)
   writer = _writer(workdir)
 
+  num_tasks = len(data.train_tasks)
+  last_saved = [cursor if saved is not None else None]
+
+  def non_finite(what, where, task):
+    kept = last_saved[0]
+    kept = (f"the last good checkpoint ({_describe(kept, num_tasks)}) is kept "
+            f"in {ckpt.directory}" if kept is not None
+            else "no checkpoint was written before it")
+    return errors.NonFiniteLossError(
+        f"{what} at {where}; {kept}; lower the learning rate (--config.train."
+        f"{'init_lr' if task == 0 else 'lr'}) or check the data, then rerun "
+        "with the same --workdir to resume")
+
   def save(cur: Cursor):
     state = _state(adapters, head, tx, opt_state)
+    if not bool(_all_finite(state)):
+      # A step's loss is computed before its update: check what is saved too.
+      raise non_finite("the trained parameters became NaN or infinite",
+                       _describe(cur, num_tasks),
+                       cur.task if cur.begun else cur.task - 1)
     ckpt.save(state, {"cursor": dataclasses.asdict(cur), "fingerprint": fp,
                       "rank": adapters.rank, "done": done})
+    last_saved[0] = cur
 
   task_of_class = jnp.asarray(metrics.class_to_task(data.task_sizes))
   steps_here = 0
-  for t in range(cursor.task, len(train_tasks)):
+  for t in range(cursor.task, num_tasks):
     lo, hi = train_tasks[t]
     rank = _rank(config, t)
     steps_per_epoch, total = data.steps(t)
@@ -163,7 +205,13 @@ def run_seed(config, seed: int, workdir: str) -> dict:
       cursor = Cursor(t, 0, True)
     t0 = time.perf_counter()
     start = cursor.step
-    bar = _progress(t, len(train_tasks), total, start)
+    bar = _progress(t, num_tasks, total, start)
+
+    def fail(loss, task, step, total=total):
+      return non_finite(f"the training loss became {loss}",
+                        f"task {task + 1}/{num_tasks}, step {step + 1}/{total}",
+                        task)
+
     prev = None
     with data.train_batches(t, start_step=start) as batches:
       for s, local in zip(range(start, total), batches):
@@ -171,8 +219,9 @@ def run_seed(config, seed: int, workdir: str) -> dict:
         lr = _lr(config, t, s // steps_per_epoch)
         adapters, head, opt_state, m = train_step(
             adapters, head, opt_state, backbone, batch, lo, hi, lr)
+        faults.point("train_step")
         if prev is not None:  # read the previous step's metrics: stays async
-          _log_step(prev, t, s - 1, bar, writer, config)
+          _log_step(prev, t, s - 1, bar, writer, config, fail)
         prev = m
         steps_here += 1
         if 0 < config.get("stop_after_steps", 0) <= steps_here:
@@ -180,10 +229,10 @@ def run_seed(config, seed: int, workdir: str) -> dict:
           raise SystemExit(f"stopped after {steps_here} steps "
                            "(config.stop_after_steps)")
         if (s + 1) % config.checkpoint.every_steps == 0 and s + 1 < total:
-          _log_step(m, t, s, None, None, config)          # sync: no NaN saved
+          _log_step(m, t, s, None, None, config, fail)    # sync: no NaN saved
           save(Cursor(t, s + 1, True))
       if prev is not None:
-        _log_step(prev, t, total - 1, bar, writer, config)
+        _log_step(prev, t, total - 1, bar, writer, config, fail)
     bar.close()
     train_time = time.perf_counter() - t0
     save(Cursor(t, total, True))                         # trained, eval pending
@@ -196,6 +245,7 @@ def run_seed(config, seed: int, workdir: str) -> dict:
       c = eval_step(merged, head, parallel.global_batch(local, mesh), eval_hi,
                     task_of_class)
       counts = c if counts is None else jax.tree.map(jnp.add, counts, c)
+      faults.point("eval_step")
     counts = jax.tree.map(lambda x: np.asarray(x).round().astype(np.int64), counts)
     n_eval = data.eval_tasks(t)
     ev = metrics.evaluate_counts(counts["top1"][:n_eval], counts["count"][:n_eval],
@@ -214,7 +264,7 @@ def run_seed(config, seed: int, workdir: str) -> dict:
     })
     logging.info("task %d: top-1 %.2f (seen classes), per task %s", t,
                  ev["top1_sample_weighted"], ev["top1_per_task"])
-    print(f"task {t + 1}/{len(train_tasks)}: top-1 {ev['top1_sample_weighted']:.2f}"
+    print(f"task {t + 1}/{num_tasks}: top-1 {ev['top1_sample_weighted']:.2f}"
           f"  per task {ev['top1_per_task']}", flush=True)
     if writer:
       writer.add_scalar("eval/top1", ev["top1_sample_weighted"], t)
@@ -228,11 +278,14 @@ def run_seed(config, seed: int, workdir: str) -> dict:
     cursor = Cursor(t + 1, 0, False)
     payload = _payload(config, seed, data, done, backbone_info, adapters)
     results_lib.write_results(workdir, payload)
+    faults.point("results_written")
     save(cursor)
+    faults.point("between_tasks")
 
   payload = _payload(config, seed, data, done, backbone_info, adapters)
   path = results_lib.write_results(workdir, payload)
   results_lib.plot_results(payload, os.path.join(workdir, "results.png"))
+  faults.point("final")
   ckpt.close()
   if writer:
     writer.close()
@@ -262,13 +315,24 @@ def _state(adapters, head, tx, opt_state):
           "head": head, "opt_state": opt_state}
 
 
-def _log_step(m, task, step, bar, writer, config):
+def _describe(cur: Cursor, num_tasks: int) -> str:
+  if not cur.begun:
+    return f"task {cur.task}/{num_tasks} finished" if cur.task else "start"
+  return f"task {cur.task + 1}/{num_tasks}, step {cur.step}"
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+  leaves = [jnp.isfinite(x).all() for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.stack(leaves).all() if leaves else jnp.asarray(True)
+
+
+def _log_step(m, task, step, bar, writer, config, fail):
+  """Reads a step's metrics; ``fail(loss, task, step)`` makes the error."""
   loss = float(m["loss"])
   if not math.isfinite(loss):
-    raise errors.NonFiniteLossError(
-        f"the training loss became {loss} at task {task}, step {step}; the "
-        f"last good checkpoint is kept in the workdir (lower the learning rate "
-        f"or check the data, then rerun to resume from it)")
+    raise fail(loss, task, step)
   if bar is not None:
     bar.update(1)
     if step % max(1, config.log_every_steps) == 0:

@@ -207,3 +207,30 @@ def test_compare_main_parses_json_flag(tmp_path, capsys):
     flags.FLAGS.unparse_flags()
   assert "paper Table 2" in capsys.readouterr().out
   assert json.loads(out.read_text())["groups"][0]["acc"]["n"] == 1
+
+
+def test_compare_names_absent_reference_kinds_and_caveats(tmp_path):
+  f1 = _write(tmp_path, "a", _payload(benchmark="cub200_10"))
+  f2 = _write(tmp_path, "b", _payload(method="sdlora_rr"))
+  f3 = _write(tmp_path, "c", _payload())
+  out = io.StringIO()
+  json_out = tmp_path / "c.json"
+  assert compare.run([f1, f2, f3], json_out=str(json_out), stream=out,
+                     err=io.StringIO()) == 0
+  blocks = {b.splitlines()[0].split(" | ")[0][3:] + " " + b.split(" | ")[1]: b
+            for b in out.getvalue().split("\n\n") if b.startswith("==")}
+  absent = "no number published for this benchmark and method in: "
+  assert absent + "official log, LibContinual rerun" in blocks[
+      "cub200_10 method sdlora"]
+  assert absent + "official log\n" in blocks["imagenet_r_10 method sdlora_rr"]
+  r10 = blocks["imagenet_r_10 method sdlora"]
+  assert absent not in r10        # all three kinds are published
+  assert "note on the official log: File name says T20" in r10
+  assert "note on the LibContinual rerun: LibContinual re-implementation" in r10
+  g = {(x["benchmark"], x["method"]): x
+       for x in json.loads(json_out.read_text())["groups"]}
+  assert g["cub200_10", "sdlora"]["unpublished_kinds"] == [
+      "official_log", "libcontinual"]
+  log = g["imagenet_r_10", "sdlora"]["references"][1]
+  assert (log["kind"], log["seed"], log["n_runs"]) == ("official_log", 1996, 1)
+  assert g["imagenet_r_10", "sdlora"]["references"][0]["n_runs"] == 5

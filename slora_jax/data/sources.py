@@ -281,6 +281,9 @@ class ImageFolderSource(Source):
     self.root = root
     self.description = f"the image folders in {root}"
     train = os.path.join(root, "train")
+    if not os.listdir(root):
+      raise DataError(f"data directory {root!r} is empty; put the data there "
+                      f"or point --config.data.root at it ({self._LAYOUT})")
     if not os.path.isdir(train):
       raise DataError(f"{root}: no train/ folder; {self._LAYOUT}")
     self.class_names = _subfolders(train)

@@ -42,7 +42,7 @@ PathLike = str | os.PathLike
 
 _TIMM_IGNORED = ("head.",)
 _BIG_VISION_IGNORED = ("head/", "pre_logits/")
-_MAX_REPORTED = 25
+_MAX_REPORTED = 5
 
 
 class CheckpointMismatchError(ValueError):
@@ -200,12 +200,16 @@ def _describe(cfg: vit_lib.ViTConfig) -> str:
 
 def _raise_mismatch(source: str, cfg: vit_lib.ViTConfig,
                     problems: list[str]) -> None:
+  # One line (entry points print it as `error: ...`): the first problems,
+  # each naming the key and both shapes, then the fix.
   shown = problems[:_MAX_REPORTED]
   more = len(problems) - len(shown)
-  text = "\n  ".join(shown + ([f"... and {more} more"] if more else []))
+  text = "; ".join(shown + ([f"... and {more} more"] if more else []))
   raise CheckpointMismatchError(
       f"{source} does not match {_describe(cfg)} ({len(problems)} "
-      f"problem(s)):\n  {text}")
+      f"problem(s)): {text}; use weights made for this architecture, or set "
+      "the model config (name, patch_size, width, depth, num_heads, mlp_dim) "
+      "to the checkpoint's")
 
 
 def _check_params(params: Any, cfg: vit_lib.ViTConfig, source: str) -> None:

@@ -1,0 +1,113 @@
+"""Faults: SIGKILL at ten places and resume, a diverging loss, determinism.
+
+Every run here is the real entry point in a subprocess (``python -m
+experiments.run``) on `tests/tiny_config.py`; kills come from the
+``SLORA_JAX_KILL_AT`` hook (slora_jax/faults.py), so each lands at an exact
+place. The subprocesses share a persistent XLA compilation cache: only the
+first one compiles.
+"""
+
+import json
+import os
+import re
+import signal
+
+import pytest
+
+from cli_util import cli_env, error_line, run_cli, tail
+
+SEED_DIR = "seed_1993"
+
+
+def outcome(workdir) -> dict:
+  """What must not depend on interruptions: matrices, curves, summary."""
+  with open(os.path.join(workdir, SEED_DIR, "results.json")) as f:
+    res = json.load(f)
+  return {k: res[k] for k in ("acc_matrix", "acc_matrix_top5", "curves",
+                              "summary", "class_order", "stored_directions")}
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+  return cli_env(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def reference(env, tmp_path_factory):
+  """An uninterrupted run (it also fills the compilation cache)."""
+  workdir = tmp_path_factory.mktemp("reference")
+  r = run_cli(env, workdir)
+  assert r.returncode == 0, tail(r)
+  return outcome(workdir)
+
+
+# (kill point, where the tiny run is then, where the next start resumes).
+# Three tasks of 4 steps; checkpoints at step 2, after step 4 (evaluation
+# pending) and after each task. None: no checkpoint yet, a fresh start.
+KILLS = [
+    ("train_step:1", "first step, just compiled, nothing saved", None),
+    ("train_step:3", "task 1 mid-step 3, after the step-2 checkpoint", (0, 2)),
+    ("checkpoint_write:1", "Orbax tmp dir of 'task 1 trained' written, not "
+     "committed", (0, 2)),
+    ("eval_step:1", "evaluating task 1", (0, 4)),
+    ("results_written:1", "results.json of task 1 written, end-of-task "
+     "checkpoint not yet", (0, 4)),
+    ("between_tasks:1", "between tasks 1 and 2", (1, 0)),
+    ("restore:1", "right after restoring the checkpoint", (1, 0)),
+    ("checkpoint_write:2", "Orbax tmp dir of 'task 2 trained' written, not "
+     "committed", (1, 2)),
+    ("eval_step:2", "second evaluation batch of task 2", (1, 4)),
+    ("final:1", "final results.json and plot written, before exit", (3, 0)),
+]
+
+
+def _resumed_at(r):
+  m = re.search(r"resuming at task (\d+) step (\d+)", r.stderr)
+  return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+def _tmp_checkpoints(workdir):
+  d = os.path.join(workdir, SEED_DIR, "checkpoints")
+  return sorted(n for n in os.listdir(d) if "orbax-checkpoint-tmp" in n)
+
+
+def test_sigkill_at_ten_points_then_resume_gives_identical_results(
+    reference, env, tmp_path):
+  resumed = None                      # the first start is fresh
+  for kill, where, next_resume in KILLS:
+    r = run_cli(env, tmp_path, kill=kill)
+    assert r.returncode == -signal.SIGKILL, f"{kill} ({where}): {tail(r)}"
+    assert _resumed_at(r) == resumed, (kill, _resumed_at(r), resumed)
+    if kill.startswith("checkpoint_write"):
+      # The half-written checkpoint is on disk and must not block the resume.
+      assert _tmp_checkpoints(tmp_path), kill
+    resumed = next_resume
+  r = run_cli(env, tmp_path)
+  assert r.returncode == 0, tail(r)
+  assert _resumed_at(r) == resumed
+  assert not _tmp_checkpoints(tmp_path)        # cleaned up on a later start
+  assert outcome(tmp_path) == reference
+
+
+def test_two_fresh_runs_are_identical(reference, env, tmp_path):
+  r = run_cli(env, tmp_path)
+  assert r.returncode == 0, tail(r)
+  assert outcome(tmp_path) == reference
+
+
+def test_diverging_loss_stops_keeps_last_good_checkpoint(reference, env,
+                                                         tmp_path):
+  # Task 1 trains normally, then a huge rate for tasks >= 2 diverges.
+  r = run_cli(env, tmp_path, "--config.train.lr=1e30")
+  line = error_line(r)
+  assert re.search(r"became (nan|inf|-inf|NaN or infinite) at task 2/3, step "
+                   r"[1-4](/4)?; the last "
+                   r"good checkpoint \(task 1/3 finished\) is kept in \S+; "
+                   r"lower the learning rate \(--config.train.lr\)",
+                   line), line
+  # The kept checkpoint is good: resumed with a sane rate, the run reaches
+  # the uninterrupted numbers.
+  r = run_cli(env, tmp_path)
+  assert r.returncode == 0, tail(r)
+  assert _resumed_at(r) == (1, 0)
+  assert outcome(tmp_path) == reference
