@@ -166,9 +166,13 @@ def _frob(x):
   return jnp.sqrt(jnp.sum(jnp.square(x)))
 
 
+def _product_sq(a, b):
+  """‖B·A‖²_F from the factors: Σ (BᵀB) ⊙ (AAᵀ), an r×r computation."""
+  return jnp.maximum(jnp.sum((b.T @ b) * (a @ a.T)), 0.0)
+
+
 def _product_norm(a, b):
-  """‖B·A‖_F from the factors: ‖BA‖² = Σ (BᵀB) ⊙ (AAᵀ), an r×r computation."""
-  return jnp.sqrt(jnp.maximum(jnp.sum((b.T @ b) * (a @ a.T)), 0.0))
+  return jnp.sqrt(_product_sq(a, b))
 
 
 def _direction_scale(a, b, how):
@@ -181,7 +185,10 @@ def _current_scale(adapters, a, b):
   alpha = adapters.trainable["magnitudes"]["current"]
   if not pol.normalize_current:
     return alpha
-  return alpha / jnp.maximum(_product_norm(a, b), pol.current_norm_floor)
+  # max(‖BA‖, floor) taken under the square root: at B = 0 (every task's
+  # start) √ has an infinite derivative, and 0·∞ would make the gradient NaN.
+  return alpha / jnp.sqrt(jnp.maximum(_product_sq(a, b),
+                                      pol.current_norm_floor ** 2))
 
 
 def _slot_mask(adapters):
