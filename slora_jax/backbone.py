@@ -6,10 +6,14 @@ Three ways to get its weights (``config.model.init``):
   (``config.model.checkpoint``); nothing is ever downloaded.
 * ``'random'``: a randomly initialised ViT (shows what adapters do without a
   representation worth adapting; useful as a control).
-* ``'synthetic_pretrain'``: a small ViT pre-trained for a few minutes on
-  generated images (`slora_jax.data.sources.SyntheticSource`) and cached on
-  disk, so the offline demo has features worth adapting. The pre-training
-  classes are generated patterns, never the downstream data.
+* ``'synthetic_pretrain'``: a small ViT pre-trained for a few minutes and
+  cached on disk, so the offline demo has features worth adapting. Two
+  pre-training tasks (``config.model.pretrain.task``), neither of which sees a
+  downstream label: ``'rotation'`` predicts which of four rotations was applied
+  to the run's *unlabeled* training images (self-supervised, as RotNet,
+  Gidaris et al. 2018); ``'patterns'`` classifies generated colour/grating
+  patterns (`slora_jax.data.sources.SyntheticSource`) and never sees the
+  downstream images at all.
 """
 
 from __future__ import annotations
@@ -94,7 +98,7 @@ def build(config):
     info = {"name": f"random {m.name}", "checkpoint_path": None, "sha256": None,
             "init": init}
   elif init == "synthetic_pretrain":
-    path = synthetic_pretrain(cfg, m.pretrain)
+    path = synthetic_pretrain(cfg, m.pretrain, data=config.data)
     params = convert.load_timm_safetensors(path, cfg)
     info = {"name": f"{m.name} pre-trained on generated images",
             "checkpoint_path": path, "sha256": results_lib.sha256_file(path),
@@ -105,45 +109,80 @@ def build(config):
   return cfg, model, params, info
 
 
-def _cache_key(cfg: vit_lib.ViTConfig, p) -> str:
+_PRETRAIN_TASKS = ("rotation", "patterns")
+
+
+def _cache_key(cfg: vit_lib.ViTConfig, p, data_desc: str) -> str:
   desc = json.dumps({"vit": {k: str(v) for k, v in vars(cfg).items()},
-                     "pretrain": p.to_dict(), "version": 1}, sort_keys=True)
+                     "pretrain": p.to_dict(), "data": data_desc, "version": 2},
+                    sort_keys=True)
   return hashlib.sha256(desc.encode()).hexdigest()[:16]
 
 
-def synthetic_pretrain(cfg: vit_lib.ViTConfig, p, cache_dir: str | None = None) -> str:
-  """Pre-trains ``cfg`` on generated images once; returns the cached file.
-
-  ``p`` holds ``num_classes, train_per_class, steps, batch_size, lr, seed``.
-  The file is keyed by a hash of ``cfg`` and ``p`` and written atomically, so
-  concurrent or interrupted runs never read a partial file.
-  """
+def _pretrain_images(cfg, p, data):
+  """(images (N, s, s, 3) in [0, 1], labels, description) for the task."""
   from slora_jax.data import sources  # the data package imports TF lazily
 
+  if p.task == "patterns":
+    source = sources.SyntheticSource(
+        num_classes=p.num_classes, train_per_class=p.train_per_class,
+        test_per_class=1, image_size=cfg.image_size, seed=p.seed)
+    split = source.split("train")
+    idx = np.arange(len(split))
+    labels = np.asarray(split.labels, np.int32)
+    desc = "generated patterns"
+  else:
+    source = sources.make_source(data)
+    split = source.split("train")
+    # A fixed subset of the training images; their labels are never read.
+    n = min(len(split), p.num_classes * p.train_per_class)
+    idx = np.sort(np.random.default_rng(p.seed).permutation(len(split))[:n])
+    labels = None
+    desc = f"{source.description}, train split, no labels"
+  images = np.stack([_to_float(split.read(int(i)), cfg.image_size) for i in idx])
+  return images, labels, desc
+
+
+def synthetic_pretrain(cfg: vit_lib.ViTConfig, p, cache_dir: str | None = None,
+                       data=None) -> str:
+  """Pre-trains ``cfg`` once without downstream labels; returns the cached file.
+
+  ``p`` holds ``task`` ('rotation' or 'patterns'), ``num_classes``,
+  ``train_per_class`` (the 'rotation' task uses ``num_classes ×
+  train_per_class`` unlabeled training images of ``data``), ``steps,
+  batch_size, lr, seed``. The file is keyed by a hash of ``cfg``, ``p`` and the
+  data and written atomically, so concurrent or interrupted runs never read a
+  partial file.
+  """
+  task = p.get("task", "patterns")
+  if task not in _PRETRAIN_TASKS:
+    raise ValueError(f"unknown model.pretrain.task {task!r}; choose one of "
+                     f"{_PRETRAIN_TASKS}")
+  if task == "rotation" and data is None:
+    raise ValueError("model.pretrain.task='rotation' needs the run's data config")
+  data_desc = "" if task == "patterns" else json.dumps(
+      {k: str(data.get(k, "")) for k in ("source", "name", "root", "data_dir")},
+      sort_keys=True)
   cache_dir = cache_dir or p.get("cache_dir") or default_cache_dir()
-  path = os.path.join(cache_dir, f"synthetic_vit_{_cache_key(cfg, p)}.safetensors")
+  path = os.path.join(cache_dir,
+                      f"synthetic_vit_{_cache_key(cfg, p, data_desc)}.safetensors")
   if os.path.exists(path):
     logging.info("using the cached pre-trained backbone %s", path)
     return path
   os.makedirs(cache_dir, exist_ok=True)
-  print(f"pre-training the demo backbone on generated images "
-        f"({p.steps} steps, cached in {path}) ...", flush=True)
-  source = sources.SyntheticSource(
-      num_classes=p.num_classes, train_per_class=p.train_per_class,
-      test_per_class=1, image_size=cfg.image_size, seed=p.seed)
-  split = source.split("train")
-  labels = np.asarray(split.labels, np.int32)
   t0 = time.perf_counter()
-  images = np.stack([_to_float(split.read(i), cfg.image_size)
-                     for i in range(len(split))])
-  logging.info("generated %d pre-training images in %.1f s", len(images),
+  images, labels, desc = _pretrain_images(cfg, p, data)
+  n_out = 4 if task == "rotation" else p.num_classes
+  print(f"pre-training the demo backbone ({task}: {len(images)} images of "
+        f"{desc}; {p.steps} steps, cached in {path}) ...", flush=True)
+  logging.info("read %d pre-training images in %.1f s", len(images),
                time.perf_counter() - t0)
 
   model = vit_lib.VisionTransformer(cfg)
   key = jax.random.key(p.seed)
   params = vit_lib.init_params(cfg, key)
-  head = {"kernel": jnp.zeros((cfg.width, p.num_classes)),
-          "bias": jnp.zeros((p.num_classes,))}
+  head = {"kernel": jnp.zeros((cfg.width, n_out)),
+          "bias": jnp.zeros((n_out,))}
   tx = optax.adamw(optax.warmup_cosine_decay_schedule(
       0.0, p.lr, max(1, p.steps // 10), p.steps), weight_decay=0.05)
   tree = {"vit": params, "head": head}
@@ -153,6 +192,10 @@ def synthetic_pretrain(cfg: vit_lib.ViTConfig, p, cache_dir: str | None = None) 
   def step(tree, opt_state, x, y, rng):
     flip = jax.random.bernoulli(rng, 0.5, (x.shape[0], 1, 1, 1))
     x = jnp.where(flip, x[:, :, ::-1], x)
+    if task == "rotation":
+      # Rotate each image by y·90°; a flip before it keeps y identifiable.
+      x = jnp.select([y[:, None, None, None] == k for k in range(4)],
+                     [jnp.rot90(x, k, axes=(1, 2)) for k in range(4)])
 
     def loss_fn(tree):
       f = model.apply({"params": tree["vit"]}, x)
@@ -167,7 +210,9 @@ def synthetic_pretrain(cfg: vit_lib.ViTConfig, p, cache_dir: str | None = None) 
   t0, loss = time.perf_counter(), float("nan")
   for s in range(p.steps):
     idx = rng.integers(0, len(images), p.batch_size)
-    tree, opt_state, loss = step(tree, opt_state, images[idx], labels[idx],
+    y = (rng.integers(0, 4, p.batch_size).astype(np.int32) if labels is None
+         else labels[idx])
+    tree, opt_state, loss = step(tree, opt_state, images[idx], y,
                                  jax.random.fold_in(key, s))
     if (s + 1) % max(1, p.steps // 5) == 0:
       print(f"  pre-training step {s + 1}/{p.steps}: loss {float(loss):.3f} "

@@ -142,7 +142,9 @@ class ExperimentData:
     it = loader.train_batches(
         self.split_train, self.train_indices(t), self.train_labels,
         self.config.train.batch_size,
-        transforms.TrainTransform(size, self._data("normalize", "none")),
+        transforms.TrainTransform(
+            size, self._data("normalize", "none"),
+            scale=tuple(self._data("crop_scale", (0.05, 1.0)))),
         seed=self.seed, task=t, start_step=start_step,
         num_steps=self.steps(t)[1], **self._loader_args())
     with it:

@@ -43,9 +43,12 @@ def base() -> ml_collections.ConfigDict:
   c.model.qkv = "fused"
   c.model.dtype = "float32"      # compute dtype; 'bfloat16' keeps f32 params
   c.model.seed = 0
+  # model.init='synthetic_pretrain' (see slora_jax/backbone.py): task is
+  # 'rotation' (self-supervised on num_classes*train_per_class unlabeled
+  # training images of the run's data) or 'patterns' (generated classes).
   c.model.pretrain = ml_collections.ConfigDict(dict(
-      num_classes=32, train_per_class=256, steps=600, batch_size=128,
-      lr=1e-3, seed=7, cache_dir=""))
+      task="patterns", num_classes=32, train_per_class=256, steps=600,
+      batch_size=128, lr=1e-3, seed=7, cache_dir=""))
 
   c.data = ml_collections.ConfigDict()
   c.data.source = "folder"       # folder | tfds | idx | synthetic
@@ -55,6 +58,7 @@ def base() -> ml_collections.ConfigDict:
   c.data.tfds_split_mode = "reference"
   c.data.image_size = 224
   c.data.resize_size = 256       # test: bicubic resize, then center crop
+  c.data.crop_scale = (0.05, 1.0)  # train: RandomResizedCrop's area range
   c.data.normalize = "none"      # none (the reference feeds [0,1]) | imagenet | inception
   c.data.num_classes = 0         # 0: every class of the source
   c.data.init_cls = 20
