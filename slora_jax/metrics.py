@@ -250,3 +250,18 @@ def reference_string_sorted_forgetting(R, keys: Sequence[str]) -> float:
     table[t, :t + 1] = R[t, order]
   table = table.T  # rows: "groups" (position in the sorted list), cols: time
   return float(np.mean((table.max(axis=1) - table[:, T - 1])[:T - 1]))
+
+
+def format_matrix(R, labels: Sequence[str] | None = None) -> str:
+  """R[t, k] as a text table: a row per evaluation, a column per task's classes."""
+  R = _as_matrix(R)
+  T, K = R.shape
+  labels = list(labels) if labels is not None else [str(k + 1) for k in range(K)]
+  width = max(6, *(len(l) + 1 for l in labels))
+  lines = ["after task".ljust(11) + "".join(l.rjust(width) for l in labels)]
+  for t in range(T):
+    cells = "".join(("" if np.isnan(v) else f"{v:.1f}").rjust(width)
+                    for v in R[t])
+    lines.append(f"{t + 1:>10} " + cells)
+  return "\n".join(lines)
+

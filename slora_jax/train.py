@@ -121,6 +121,7 @@ def run_seed(config, seed: int, workdir: str) -> dict:
 
 
 def _run_seed(config, seed: int, workdir: str) -> dict:
+  t_start = time.perf_counter()
   data = experiment_data.prepare(config, seed)      # validates before compiling
   logging.info("seed %d: %d tasks, class sizes %s", seed, data.num_tasks,
                data.task_sizes)
@@ -205,7 +206,7 @@ def _run_seed(config, seed: int, workdir: str) -> dict:
       cursor = Cursor(t, 0, True)
     t0 = time.perf_counter()
     start = cursor.step
-    bar = _progress(t, num_tasks, total, start)
+    bar = _progress(t, num_tasks, total, start, config.train.batch_size)
 
     def fail(loss, task, step, total=total):
       return non_finite(f"the training loss became {loss}",
@@ -290,7 +291,15 @@ def _run_seed(config, seed: int, workdir: str) -> dict:
   if writer:
     writer.close()
   s = payload["summary"]
-  print(f"seed {seed}: Acc {s['acc']:.2f}  AAA {s['aaa']:.2f}  -> {path}", flush=True)
+  print("top-1 accuracy (%) on each task's classes, task-agnostic, merged "
+        "weights:\n" + metrics.format_matrix(
+            payload["acc_matrix"], metrics.group_labels(payload["task_sizes"])),
+        flush=True)
+  f = s.get("forgetting")
+  forgetting = (f"  forgetting {f:.2f}" if f is not None and math.isfinite(f)
+                else "")
+  print(f"seed {seed}: Acc {s['acc']:.2f}  AAA {s['aaa']:.2f}{forgetting}  "
+        f"({time.perf_counter() - t_start:.0f} s)  -> {path}", flush=True)
   return payload
 
 
@@ -343,17 +352,26 @@ def _log_step(m, task, step, bar, writer, config, fail):
 
 
 class _Bar:
-  """tqdm when attached to a terminal, else a line every 10% (CI logs)."""
+  """tqdm when attached to a terminal, else a line every 10% (CI logs).
 
-  def __init__(self, desc, total, initial):
+  Shows steps, the latest loss and accuracy, and images/s (steps/s × the
+  global batch).
+  """
+
+  def __init__(self, desc, total, initial, batch_size):
     self._tqdm = None
     self.total, self.n, self.desc = total, initial, desc
-    self._t0, self._last = time.perf_counter(), -1
+    self._t0, self._n0, self._last = time.perf_counter(), initial, -1
+    self._batch = batch_size
     self._post = {}
     if sys.stderr.isatty():
       import tqdm
       self._tqdm = tqdm.tqdm(total=total, initial=initial, desc=desc,
                              unit="step", dynamic_ncols=True)
+
+  def _images_per_s(self):
+    dt = max(time.perf_counter() - self._t0, 1e-9)
+    return (self.n - self._n0) * self._batch / dt
 
   def update(self, k):
     self.n += k
@@ -363,22 +381,22 @@ class _Bar:
     tenth = int(10 * self.n / max(self.total, 1))
     if tenth != self._last:
       self._last = tenth
-      rate = self.n / max(time.perf_counter() - self._t0, 1e-9)
-      print(f"{self.desc}: {self.n}/{self.total} steps, {rate:.2f} steps/s "
-            f"{' '.join(f'{k}={v}' for k, v in self._post.items())}", flush=True)
+      post = " ".join(f"{k}={v}" for k, v in self._post.items())
+      print(f"{self.desc}: {self.n}/{self.total} steps, "
+            f"{self._images_per_s():.1f} img/s {post}", flush=True)
 
   def set_postfix(self, **kw):
     self._post = kw
     if self._tqdm is not None:
-      self._tqdm.set_postfix(**kw)
+      self._tqdm.set_postfix(**kw, img_s=f"{self._images_per_s():.1f}")
 
   def close(self):
     if self._tqdm is not None:
       self._tqdm.close()
 
 
-def _progress(task, num_tasks, total, start):
-  return _Bar(f"task {task + 1}/{num_tasks}", total, start)
+def _progress(task, num_tasks, total, start, batch_size):
+  return _Bar(f"task {task + 1}/{num_tasks}", total, start, batch_size)
 
 
 def _writer(workdir):

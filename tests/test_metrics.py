@@ -218,3 +218,12 @@ def test_official_log_entries_consistent_with_matrices():
     assert reference_numbers.benchmarks()[bench]["num_tasks"] == log["n_tasks"]
     assert entry["forgetting_numeric"] == SPEC_FORGETTING[log_file]
     assert entry["forgetting_printed"] == SPEC_PRINTED_FORGETTING[log_file]
+
+
+def test_format_matrix_rows_columns_and_blanks():
+  R = metrics.accuracy_matrix([[73.6], [0.0, 98.8]])
+  text = metrics.format_matrix(R, ["00-01", "02-03"])
+  lines = text.splitlines()
+  assert lines[0].split() == ["after", "task", "00-01", "02-03"]
+  assert lines[1].split() == ["1", "73.6"]          # upper triangle left blank
+  assert lines[2].split() == ["2", "0.0", "98.8"]

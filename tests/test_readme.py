@@ -11,7 +11,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _example() -> str:
   text = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
-  section = text.split("## The library in 20 lines", 1)[1]
+  section = text.split("## The library by example", 1)[1]
   return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 
