@@ -847,7 +847,7 @@ def run(s: Settings) -> dict:
 
   if s.torch:
     _torch_rows(table, s, cfg, step_s, merged_eval, plain_eval, ratio)
-  phase("torch")
+    phase("torch")
 
   # A reference time is only comparable if this machine could run it at all.
   implied = (eval_flops / REFERENCE_PLAIN_EVAL_S / 1e9
