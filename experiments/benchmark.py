@@ -56,6 +56,10 @@ _PIPELINE_BATCHES = flags.DEFINE_integer("pipeline_batches", 6,
                                          "Timed input-pipeline batches.")
 _WORKERS = flags.DEFINE_integer("workers", 4, "Input-pipeline threads.")
 _JSON = flags.DEFINE_string("json_out", None, "Also save the table as JSON here.")
+_FORM = flags.DEFINE_enum(
+    "adapter_form", "activation", ["activation", "weight"],
+    "How the SD-LoRA train step applies adapters (slora_jax.steps."
+    "make_train_step): on activations (default) or on the kernels.")
 _TORCH = flags.DEFINE_bool(
     "torch", False, "Also time the PyTorch reference's arithmetic "
     "(experiments/torch_reference.py) at the same settings, in this process.")
@@ -97,6 +101,7 @@ class Settings:
   workers: int = 4
   json: str | None = None
   torch: bool = False
+  adapter_form: str = "activation"
 
   def __post_init__(self):
     self.tasks = tuple(sorted({int(t) for t in self.tasks}))
@@ -122,7 +127,7 @@ def settings_from_flags() -> Settings:
       num_classes=_NUM_CLASSES.value, pipeline=_PIPELINE.value,
       pipeline_batch=_PIPELINE_BATCH.value,
       pipeline_batches=_PIPELINE_BATCHES.value, workers=_WORKERS.value,
-      json=_JSON.value, torch=_TORCH.value)
+      json=_JSON.value, torch=_TORCH.value, adapter_form=_FORM.value)
 
 
 # ----------------------------------------------------------------- the table
@@ -263,34 +268,43 @@ def jaxpr_stats(closed_jaxpr) -> tuple[int, set[str]]:
   return count, prims
 
 
-_LOOP_PRIMITIVES = {"while", "scan", "fori_loop"}
+_LOOP_PRIMITIVES = {"while", "scan"}
+# Primitives that stop the device to run host code or move data to the host.
+_HOST_PRIMITIVES = {"pure_callback", "io_callback", "debug_callback",
+                    "callback", "device_put", "debug_print"}
 
 
 # ------------------------------------------------------ FLOPs and estimates
 
-def analytic_flops(cfg, batch: int, num_classes: int, capacity: int,
+def analytic_flops(cfg, batch: int, num_classes: int, stored: int,
                    rank: int, num_targets: int) -> dict[str, float]:
-  """Matmul FLOPs of one train step, counted by hand (2 per multiply-add).
+  """Matmul FLOPs of one train step at ``stored`` earlier directions, by hand.
 
   Forward: patch embedding, per block qkv/proj/fc1/fc2 and the two attention
   products, the head. Backward: input gradients of every block (the linear
-  layers once more, the attention products twice), weight gradients only for
-  the adapted q and v columns and the head. The frozen earlier directions
-  cost ``2·C·R·d_in·d_out`` per target to form ΔW and as much again for the
-  magnitude gradients, whatever the batch.
+  layers once more, the attention products twice) and the head's gradients;
+  no kernel gradient (`slora_jax.apply_with_adapters`). The current rank-r
+  pair costs 12·n·r·d per target and image (forward, dx, dA, dB). The stored
+  directions cost, per target and step, 2·t·R·d² to merge into the kernel and
+  min(4·N·d·t·R, 2·N·d² + 2·d²·t·R) for the magnitudes' gradient (N tokens
+  in the batch), whatever the capacity.
   """
   n, d, m = cfg.seq_len, cfg.width, cfg.mlp_dim
   linear = 2 * n * (3 * d * d + d * d + 2 * d * m)
   attention = 2 * 2 * n * n * d
   patch = 2 * cfg.num_patches * cfg.patch_size ** 2 * cfg.in_chans * d
   head = 2 * d * num_classes
+  lora = num_targets * 12 * n * rank * d
   forward = patch + cfg.depth * (linear + attention) + head
-  backward = cfg.depth * (linear + 2 * attention + 2 * n * d * 2 * d) + 2 * head
-  fixed = num_targets * 2 * 2 * capacity * rank * d * d
+  backward = cfg.depth * (linear + 2 * attention) + 2 * head
+  tokens, cols = batch * n, stored * rank
+  per_target = 2 * cols * d * d + min(4 * tokens * d * cols,
+                                      2 * tokens * d * d + 2 * d * d * cols)
+  fixed = num_targets * per_target if stored else 0
   return {"forward_per_image": float(forward),
-          "train_per_image": float(forward + backward),
+          "train_per_image": float(forward + backward + lora),
           "delta_per_step": float(fixed),
-          "train_step": float(batch * (forward + backward) + fixed)}
+          "train_step": float(batch * (forward + backward + lora) + fixed)}
 
 
 def accelerator_estimates(flops: dict[str, float],
@@ -328,12 +342,14 @@ def _vit_config(s: Settings):
 def make_plain_lora_step(model, cfg, num_classes: int, momentum: float = 0.9):
   """A plain LoRA train step written without slora_jax's adapter code.
 
-  q and v of every block get ``W0 + (B A)ᵀ`` (A ``(r, d)``, B ``(d, r)``);
-  no magnitudes, no earlier directions. Loss (cross-entropy over the classes
+  q and v of every block get ``x·W0 + (x Aᵀ) Bᵀ`` (A ``(r, d)``, B ``(d, r)``)
+  on the activations, through Flax method interception; no magnitudes, no
+  earlier directions. Loss (cross-entropy over the classes
   ``[lo, hi)``, masked mean over the batch), head and optimiser (SGD,
   momentum 0.9, the rate set at every step) are those of the SD-LoRA step.
   Returns ``(init(rng, rank), jitted step)``.
   """
+  import flax.linen as nn
   import jax
   import jax.numpy as jnp
   import optax
@@ -353,18 +369,20 @@ def make_plain_lora_step(model, cfg, num_classes: int, momentum: float = 0.9):
           for j, part in enumerate(("q", "v"))}
     return lora
 
-  def adapted(backbone, lora):
-    params = dict(backbone)
-    for name, f in lora.items():
-      block = dict(params[name])
-      attn = dict(block["attn"])
-      qkv = dict(attn["qkv"])
-      dq = (f["q"]["B"] @ f["q"]["A"]).T
-      dv = (f["v"]["B"] @ f["v"]["A"]).T
-      qkv["kernel"] = qkv["kernel"] + jnp.concatenate(
-          [dq, jnp.zeros_like(dq), dv], axis=1)
-      attn["qkv"], block["attn"], params[name] = qkv, attn, block
-    return params
+  def lora_interceptor(lora):
+    # The adapted map as a LoRA user would write it on the activations:
+    # y[:, q] += (x Aᵀ) Bᵀ, same for v; the kernels get no gradient.
+    def intercept(next_fun, args, kwargs, context):
+      y = next_fun(*args, **kwargs)
+      path = context.module.path
+      if context.method_name != "__call__" or path[1:] != ("attn", "qkv"):
+        return y
+      f, x = lora[path[0]], args[0]
+      dq = (x @ f["q"]["A"].T) @ f["q"]["B"].T
+      dv = (x @ f["v"]["A"].T) @ f["v"]["B"].T
+      return jnp.concatenate([y[..., :d] + dq, y[..., d:2 * d],
+                              y[..., 2 * d:] + dv], axis=-1)
+    return intercept
 
   def plain_lora_step(lora, head, opt_state, backbone, batch, lo, hi, lr):
     classes = jnp.arange(num_classes)
@@ -372,8 +390,8 @@ def make_plain_lora_step(model, cfg, num_classes: int, momentum: float = 0.9):
     mask = batch["mask"].astype(jnp.float32)
 
     def loss_fn(tree):
-      feats = model.apply({"params": adapted(backbone, tree["lora"])},
-                          batch["image"])
+      with nn.intercept_methods(lora_interceptor(tree["lora"])):
+        feats = model.apply({"params": backbone}, batch["image"])
       logits = feats.astype(jnp.float32) @ tree["head"]["kernel"]
       logits = jnp.where(keep, logits + tree["head"]["bias"],
                          jnp.finfo(jnp.float32).min)
@@ -623,7 +641,8 @@ def run(s: Settings) -> dict:
   phase("setup")
 
   # -- A simulated run: begin_task / one step / end_task per task.
-  step = steps_lib.make_train_step(apply_fn, s.num_classes, tx)
+  step = steps_lib.make_train_step(apply_fn, s.num_classes, tx,
+                                  adapter_form=s.adapter_form)
   template = sl.init_adapters(backbone, rules, capacity=s.capacity,
                               max_rank=s.rank)
   ops = TaskOps(s.rank)
@@ -676,9 +695,14 @@ def run(s: Settings) -> dict:
   table.add(f"train step jaxpr equations, t={t_lo}", n_lo)
   table.check(f"train step jaxpr equations, t={t_hi}", n_hi, "",
               f"= t={t_lo}", n_lo == n_hi)
-  loops = sorted((stats[t_lo][1] | stats[t_hi][1]) & _LOOP_PRIMITIVES)
-  table.check("loop primitives in the train step", ",".join(loops) or "none",
-              "", "none", not loops)
+  prims = stats[t_lo][1] | stats[t_hi][1]
+  host = sorted(prims & _HOST_PRIMITIVES)
+  table.check("host callbacks or transfers in the train step",
+              ",".join(host) or "none", "", "none", not host)
+  # The stored directions are visited by on-device loops whose trip counts
+  # are the stored count (an array), not by Python loops over tasks.
+  table.add("on-device loop primitives in the train step",
+            ",".join(sorted(prims & _LOOP_PRIMITIVES)) or "none")
 
   phase("jaxpr")
 
@@ -695,7 +719,8 @@ def run(s: Settings) -> dict:
   calls["lora"] = _Chain(lora_step, lora_state, (backbone, batch, lo, hi, lr))
   run_step = None
   if s.run_capacity:
-    run_step = steps_lib.make_train_step(apply_fn, s.num_classes, tx)
+    run_step = steps_lib.make_train_step(apply_fn, s.num_classes, tx,
+                                         adapter_form=s.adapter_form)
     small = sl.init_adapters(backbone, rules, capacity=s.run_capacity,
                              max_rank=s.rank)
     calls["run"] = _Chain(run_step, ready_state(0, small),
@@ -727,17 +752,22 @@ def run(s: Settings) -> dict:
   lora_flops = _xla_flops(lora_step.lower(*calls["lora"].state, backbone,
                                           batch, lo, hi, lr).compile())
   targets = len(template.spec.targets)
-  hand = analytic_flops(cfg, s.batch, s.num_classes, s.capacity, s.rank,
-                        targets)
-  table.add("FLOPs per train step (XLA cost analysis)", _g(flops), "GFLOP")
-  table.add("FLOPs per train step (analytic)", _g(hand["train_step"]), "GFLOP")
-  table.add(f"  of which earlier directions (capacity {s.capacity})",
-            _g(hand["delta_per_step"]), "GFLOP")
+  hand = analytic_flops(cfg, s.batch, s.num_classes, t_lo, s.rank, targets)
+  hand_hi = analytic_flops(cfg, s.batch, s.num_classes, t_hi, s.rank, targets)
+  # XLA's static count visits each loop body and both branches of a cond
+  # once, whatever the trip counts: an upper bound here, not the t=0 cost.
+  table.add("FLOPs per train step (XLA cost analysis, loop bodies once)",
+            _g(flops), "GFLOP")
+  table.add(f"FLOPs per train step t={t_lo} (analytic)", _g(hand["train_step"]),
+            "GFLOP")
+  table.add(f"FLOPs per train step t={t_hi} (analytic)",
+            _g(hand_hi["train_step"]), "GFLOP")
   table.add("FLOPs per plain LoRA step (XLA cost analysis)", _g(lora_flops),
             "GFLOP")
-  if flops and step_s[t_lo]:
-    table.add(f"achieved, train step t={t_lo}", flops / step_s[t_lo] / 1e9,
-              "GFLOP/s")
+  for t, h in ((t_lo, hand), (t_hi, hand_hi)):
+    if step_s[t]:
+      table.add(f"achieved, train step t={t} (analytic FLOPs)",
+                h["train_step"] / step_s[t] / 1e9, "GFLOP/s")
 
   phase("flops")
 
@@ -860,10 +890,11 @@ def run(s: Settings) -> dict:
               applicable=is_ref)
 
   # -- Estimates for accelerators (not measured).
-  est = accelerator_estimates(hand)
+  est = accelerator_estimates(analytic_flops(cfg, s.batch, s.num_classes, 19,
+                                            s.rank, targets))
   for chip, ips in est.items():
     table.add(f"estimate: train images/s per {chip}", ips, "img/s",
-              f"{ESTIMATE_MFU:.0%} of bf16 peak, batch {ESTIMATE_BATCH}")
+              f"{ESTIMATE_MFU:.0%} of bf16 peak, batch {ESTIMATE_BATCH}, t=19")
 
   env["phases_s"] = phases
   env["loadavg_end"] = os.getloadavg()[0]

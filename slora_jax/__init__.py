@@ -1,8 +1,9 @@
 """slora-jax: SD-LoRA (Wu et al., ICLR 2025) on Flax parameter trees."""
 
+from slora_jax.activation import apply_with_adapters
 from slora_jax.adapters import (AdapterSpec, AdapterState, apply_adapters,
-                                begin_task, delta, end_task, init_adapters,
-                                merge, num_stored, stored_ranks)
+                                apply_deltas, begin_task, delta, end_task,
+                                init_adapters, merge, num_stored, stored_ranks)
 from slora_jax.head import apply_head, class_mask, init_head, masked_logits
 from slora_jax.optim import optimizer, trainable_params, with_trainable_params
 from slora_jax.policy import Policy, get_policy, paper, rank_schedule, reference

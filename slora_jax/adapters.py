@@ -31,7 +31,7 @@ from slora_jax import targets as targets_lib
 
 __all__ = [
     "AdapterSpec", "AdapterState", "init_adapters", "begin_task", "end_task",
-    "apply_adapters", "merge", "delta", "num_stored", "stored_ranks",
+    "apply_adapters", "apply_deltas", "merge", "delta", "num_stored", "stored_ranks",
 ]
 
 _EPS = 1e-12
@@ -245,9 +245,15 @@ def apply_adapters(params: Any, adapters: AdapterState) -> Any:
   """
   frozen = jax.lax.stop_gradient(adapters.frozen)
   adapters = adapters.replace(frozen=frozen)
-  deltas = delta(adapters)
+  return apply_deltas(params, adapters.spec, delta(adapters))
+
+
+def apply_deltas(params: Any, spec: AdapterSpec,
+                 deltas: dict[str, jax.Array]) -> Any:
+  """Returns ``params`` with ``deltas[name]`` (``(d_in, d_out)``) added to each
+  target's kernel columns."""
   by_path: dict[str, list] = {}
-  for t in adapters.spec.targets:
+  for t in spec.targets:
     by_path.setdefault(t.path, []).append(t)
   kernels = _leaves_by_path(params, by_path)
   missing = sorted(set(by_path) - set(kernels))

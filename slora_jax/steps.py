@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from slora_jax import activation
 from slora_jax import adapters as adapters_lib
 from slora_jax import head as head_lib
 from slora_jax import optim
@@ -59,8 +60,15 @@ def _masked_mean(x, mask):
 
 
 def make_train_step(apply_fn: ApplyFn, num_classes: int,
-                    tx: optax.GradientTransformation):
+                    tx: optax.GradientTransformation,
+                    adapter_form: str = "activation"):
   """Builds ``step(adapters, head, opt_state, backbone, batch, lo, hi, lr)``.
+
+  ``adapter_form`` picks how the adapters enter the model: ``'activation'``
+  (`slora_jax.apply_with_adapters`; needs a Flax Linen model, and is the
+  faster: no adapted-kernel gradients, stored directions cost in proportion
+  to how many are stored) or ``'weight'`` (`apply_adapters`; any model).
+  Both compute the same function and gradients.
 
   The loss is cross-entropy over the classes ``[lo, hi)`` only (the
   reference's ``logits[:, known:]`` slicing, SD-LoRA-SPEC.md §4), averaged over
@@ -68,13 +76,20 @@ def make_train_step(apply_fn: ApplyFn, num_classes: int,
   the new (adapters, head, opt_state) and device-side metrics.
   """
 
+  forms = {"activation": activation.apply_with_adapters,
+           "weight": lambda fn, p, ad, x: fn(adapters_lib.apply_adapters(p, ad), x)}
+  if adapter_form not in forms:
+    raise ValueError(f"adapter_form must be one of {sorted(forms)}, got "
+                     f"{adapter_form!r}")
+  adapted = forms[adapter_form]
+
   def step(adapters, head, opt_state, backbone, batch, lo, hi, lr):
     keep = head_lib.class_mask(lo, hi, num_classes)
 
     def loss_fn(tree):
       ad, hd = optim.with_trainable_params(adapters, tree)
-      params = adapters_lib.apply_adapters(backbone, ad)
-      logits = head_lib.apply_head(hd, apply_fn(params, batch["image"]))
+      feats = adapted(apply_fn, backbone, ad, batch["image"])
+      logits = head_lib.apply_head(hd, feats)
       logits = head_lib.masked_logits(logits, keep)
       ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
       loss = _masked_mean(ce, batch["mask"])
