@@ -890,8 +890,8 @@ def run(s: Settings) -> dict:
               applicable=is_ref)
 
   # -- Estimates for accelerators (not measured).
-  est = accelerator_estimates(analytic_flops(cfg, s.batch, s.num_classes, 19,
-                                            s.rank, targets))
+  est = accelerator_estimates(analytic_flops(cfg, ESTIMATE_BATCH,
+                                            s.num_classes, 19, s.rank, targets))
   for chip, ips in est.items():
     table.add(f"estimate: train images/s per {chip}", ips, "img/s",
               f"{ESTIMATE_MFU:.0%} of bf16 peak, batch {ESTIMATE_BATCH}, t=19")
