@@ -147,10 +147,11 @@ def magnitude_cotangent(x: jax.Array, g: jax.Array, a: jax.Array,
 
 @jax.custom_vjp
 def _magnitude_tap(y, x, coef, a, b, n):
-  """Identity on ``y``; its VJP adds d(loss)/d(coef) for y's stored part.
+  """Identity on ``y``; its VJP adds d(loss)/d(coef) for the stored part.
 
-  ``y`` is the output slice of a map whose kernel already holds
-  Σ coef_i·D_i (with no gradient path); this supplies coef's cotangent
+  ``y`` is added to the output columns of a map whose kernel already holds
+  Σ coef_i·D_i (with no gradient path), so ``y``'s cotangent is those
+  columns' cotangent dy; this supplies coef's cotangent
   ⟨xᵀ dy, D_i⟩ = Σ_tokens (x A_iᵀ)·(dy B_i), for occupied slots only.
   """
   del x, coef, a, b, n
@@ -195,17 +196,15 @@ def apply_with_adapters(apply_fn: Callable[..., Any], params: Any,
       its input/output shapes do not fit a trailing-axes linear map.
   """
   spec = adapters.spec
-  frozen = jax.lax.stop_gradient(adapters.frozen)
-  mags = adapters.trainable["magnitudes"]
+  adapters = adapters.replace(frozen=jax.lax.stop_gradient(adapters.frozen))
+  frozen = adapters.frozen
   n = frozen["num_stored"]
-  slot_coef = (mags["previous"] + frozen["absorbed"]) * ad_lib._slot_mask(
-      adapters.replace(frozen=frozen))
+  coefs = ad_lib.slot_coefficients(adapters)
 
   by_module: dict[str, list] = {}
-  coefs, stored = {}, {}
+  stored = {}
   for t in spec.targets:
     prev = frozen["previous"][t.name]
-    coefs[t.name] = slot_coef * prev["scale"]
     stored[t.name] = stored_delta(jax.lax.stop_gradient(coefs[t.name]),
                                   prev["A"], prev["B"], n)
     by_module.setdefault(_module_key(t.path), []).append(t)
@@ -223,7 +222,7 @@ def apply_with_adapters(apply_fn: Callable[..., Any], params: Any,
       return next_fun(*f_args, **f_kwargs)
     y = next_fun(*f_args, **f_kwargs)
     called.add(key)
-    return _add_adapter_terms(adapters, tgts, f_args[0], y, coefs, frozen, n)
+    return _add_adapter_terms(adapters, tgts, f_args[0], y, coefs, n)
 
   with nn.intercept_methods(interceptor):
     out = apply_fn(base, *args, **kwargs)
@@ -237,8 +236,8 @@ def apply_with_adapters(apply_fn: Callable[..., Any], params: Any,
   return out
 
 
-def _add_adapter_terms(adapters, tgts, x, y, coefs, frozen, n):
-  t0 = tgts[0]
+def _add_adapter_terms(adapters, tgts, x, y, coefs, n):
+  t0, frozen = tgts[0], adapters.frozen
   lead = x.shape[:x.ndim - t0.in_dims]
   if (x.shape[len(lead):] != t0.kernel_shape[:t0.in_dims]
       or y.shape != lead + t0.kernel_shape[t0.in_dims:]):
@@ -255,21 +254,7 @@ def _add_adapter_terms(adapters, tgts, x, y, coefs, frozen, n):
     scale = ad_lib._current_scale(adapters, cur["A"], cur["B"])
     h = jnp.einsum("...i,ri->...r", x2.astype(jnp.float32), cur["A"]) * scale
     d = jnp.einsum("...r,or->...o", h, cur["B"]).astype(y2.dtype)
-    lo, hi = t.cols or (0, t.d_out_total)
-    ys = _magnitude_tap(y2[..., lo:hi], x2, coefs[t.name], prev["A"],
-                        prev["B"], n)
-    pieces.append(((lo, hi), ys + d))
-  return _replace_columns(y2, pieces).reshape(y.shape)
-
-
-def _replace_columns(y, pieces):
-  """``y`` with the given column ranges of its last axis replaced."""
-  blocks, at = [], 0
-  for (lo, hi), new in sorted(pieces, key=lambda p: p[0]):
-    if lo > at:
-      blocks.append(y[..., at:lo])
-    blocks.append(new)
-    at = hi
-  if at < y.shape[-1]:
-    blocks.append(y[..., at:])
-  return blocks[0] if len(blocks) == 1 else jnp.concatenate(blocks, axis=-1)
+    # d is added to the map's output columns, so its cotangent is theirs.
+    d = _magnitude_tap(d, x2, coefs[t.name], prev["A"], prev["B"], n)
+    pieces.append((t.cols, d))
+  return ad_lib._add_columns(y2, pieces).reshape(y.shape)

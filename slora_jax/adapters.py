@@ -31,7 +31,7 @@ from slora_jax import targets as targets_lib
 
 __all__ = [
     "AdapterSpec", "AdapterState", "init_adapters", "begin_task", "end_task",
-    "apply_adapters", "apply_deltas", "merge", "delta", "num_stored", "stored_ranks",
+    "apply_adapters", "apply_deltas", "merge", "delta", "slot_coefficients", "num_stored", "stored_ranks",
 ]
 
 _EPS = 1e-12
@@ -196,6 +196,15 @@ def _slot_mask(adapters):
   return (jnp.arange(c) < adapters.frozen["num_stored"]).astype(jnp.float32)
 
 
+def slot_coefficients(adapters: AdapterState) -> dict[str, jax.Array]:
+  """Per target, the (C,) factor of each stored direction B_iA_i in ΔW:
+  (α_i + absorbed_i)·s_i for occupied slots, 0 for the others."""
+  mags = adapters.trainable["magnitudes"]
+  prev_mag = (mags["previous"] + adapters.frozen["absorbed"]) * _slot_mask(adapters)
+  return {t.name: prev_mag * adapters.frozen["previous"][t.name]["scale"]
+          for t in adapters.spec.targets}
+
+
 def delta(adapters: AdapterState) -> dict[str, jax.Array]:
   """ΔW of every target in input-major layout ``(d_in, d_out)``.
 
@@ -203,8 +212,7 @@ def delta(adapters: AdapterState) -> dict[str, jax.Array]:
   of the stacked factors, so the cost depends on the capacity, not on how
   many tasks have been seen, and is independent of the batch.
   """
-  mags = adapters.trainable["magnitudes"]
-  prev_mag = (mags["previous"] + adapters.frozen["absorbed"]) * _slot_mask(adapters)
+  coefs = slot_coefficients(adapters)
   out = {}
   for t in adapters.spec.targets:
     prev = adapters.frozen["previous"][t.name]
@@ -212,7 +220,7 @@ def delta(adapters: AdapterState) -> dict[str, jax.Array]:
     chex.assert_shape(prev["A"], (adapters.spec.capacity, None, t.d_in))
     chex.assert_shape(cur["A"], (None, t.d_in))
     chex.assert_shape(cur["B"], (t.d_out, cur["A"].shape[0]))
-    coef = prev_mag * prev["scale"]                                   # (C,)
+    coef = coefs[t.name]                                              # (C,)
     d_prev = jnp.einsum("cri,cor->io", prev["A"] * coef[:, None, None],
                         prev["B"])
     d_cur = (cur["A"].T * _current_scale(adapters, cur["A"], cur["B"])) @ cur["B"].T
@@ -271,7 +279,7 @@ def apply_deltas(params: Any, spec: AdapterSpec,
 
 
 def _add_columns(w, pieces):
-  """``w`` with each ``(cols, d)`` added to its column range (None: all).
+  """``w`` with each ``(cols, d)`` added to its range of the last axis (None: all).
 
   Built from static slices and one concatenation rather than ``.at[].add``,
   which lowers to a scatter (and its gradient to a gather) that XLA:CPU runs
@@ -284,12 +292,12 @@ def _add_columns(w, pieces):
     if lo < at:
       raise ValueError(f"overlapping adapted column ranges at {lo}")
     if lo > at:
-      blocks.append(w[:, at:lo])
-    blocks.append(w[:, lo:hi] + d)
+      blocks.append(w[..., at:lo])
+    blocks.append(w[..., lo:hi] + d)
     at = hi
-  if at < w.shape[1]:
-    blocks.append(w[:, at:])
-  return jnp.concatenate(blocks, axis=1)
+  if at < w.shape[-1]:
+    blocks.append(w[..., at:])
+  return jnp.concatenate(blocks, axis=-1)
 
 
 def merge(params: Any, adapters: AdapterState) -> Any:
