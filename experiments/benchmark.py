@@ -60,6 +60,9 @@ _FORM = flags.DEFINE_enum(
     "adapter_form", "activation", ["activation", "weight"],
     "How the SD-LoRA train step applies adapters (slora_jax.steps."
     "make_train_step): on activations (default) or on the kernels.")
+_PROFILE = flags.DEFINE_integer(
+    "profile", 0, "Also profile the t=min(--tasks) train step (jax.profiler) "
+    "and list this many op groups by time (HLO op names, blocks merged).")
 _TORCH = flags.DEFINE_bool(
     "torch", False, "Also time the PyTorch reference's arithmetic "
     "(experiments/torch_reference.py) at the same settings, in this process.")
@@ -102,6 +105,7 @@ class Settings:
   json: str | None = None
   torch: bool = False
   adapter_form: str = "activation"
+  profile: int = 0
 
   def __post_init__(self):
     self.tasks = tuple(sorted({int(t) for t in self.tasks}))
@@ -127,7 +131,8 @@ def settings_from_flags() -> Settings:
       num_classes=_NUM_CLASSES.value, pipeline=_PIPELINE.value,
       pipeline_batch=_PIPELINE_BATCH.value,
       pipeline_batches=_PIPELINE_BATCHES.value, workers=_WORKERS.value,
-      json=_JSON.value, torch=_TORCH.value, adapter_form=_FORM.value)
+      json=_JSON.value, torch=_TORCH.value, adapter_form=_FORM.value,
+      profile=_PROFILE.value)
 
 
 # ----------------------------------------------------------------- the table
@@ -281,22 +286,31 @@ def analytic_flops(cfg, batch: int, num_classes: int, stored: int,
   """Matmul FLOPs of one train step at ``stored`` earlier directions, by hand.
 
   Forward: patch embedding, per block qkv/proj/fc1/fc2 and the two attention
-  products, the head. Backward: input gradients of every block (the linear
-  layers once more, the attention products twice) and the head's gradients;
-  no kernel gradient (`slora_jax.apply_with_adapters`). The current rank-r
-  pair costs 12·n·r·d per target and image (forward, dx, dA, dB). The stored
-  directions cost, per target and step, 2·t·R·d² to merge into the kernel and
-  min(4·N·d·t·R, 2·N·d² + 2·d²·t·R) for the magnitudes' gradient (N tokens
-  in the batch), whatever the capacity.
+  products, the head; the last block computes qkv for every token but its
+  attention row, proj and MLP for the class token only. Backward: input
+  gradients of every block (the linear layers once more, the attention
+  products twice) and the head's gradients; no kernel gradient
+  (`slora_jax.apply_with_adapters`). The current rank-r pair is counted as
+  plain LoRA on activations costs it, 12·n·r·d per target and image (forward,
+  dx, dA, dB). The stored directions cost, per target and step, 2·t·R·d² to
+  merge into the kernel and min(4·N·d·t·R, 2·N·d² + 2·d²·t·R) for the
+  magnitudes' gradient (N tokens in the batch), whatever the capacity.
   """
   n, d, m = cfg.seq_len, cfg.width, cfg.mlp_dim
   linear = 2 * n * (3 * d * d + d * d + 2 * d * m)
   attention = 2 * 2 * n * n * d
+  # The last block: qkv on n tokens, everything after it on one.
+  last_linear = 2 * n * 3 * d * d + 2 * (d * d + 2 * d * m)
+  last_attention = 2 * 2 * n * d
   patch = 2 * cfg.num_patches * cfg.patch_size ** 2 * cfg.in_chans * d
   head = 2 * d * num_classes
   lora = num_targets * 12 * n * rank * d
-  forward = patch + cfg.depth * (linear + attention) + head
-  backward = cfg.depth * (linear + 2 * attention) + 2 * head
+  full = max(cfg.depth - 1, 0)
+  last = 1 if cfg.depth else 0
+  forward = (patch + full * (linear + attention)
+             + last * (last_linear + last_attention) + head)
+  backward = (full * (linear + 2 * attention)
+              + last * (last_linear + 2 * last_attention) + 2 * head)
   tokens, cols = batch * n, stored * rank
   per_target = 2 * cols * d * d + min(4 * tokens * d * cols,
                                       2 * tokens * d * d + 2 * d * d * cols)
@@ -501,6 +515,41 @@ def _rounds(calls: dict[Any, Callable[[bool], None]], repeats: int,
     k = r % len(names)
     for name in names[k:] + names[:k]:
       calls[name](True)
+
+
+def profile_ops(call: Callable[[], Any], compiled_text: str, repeats: int = 2,
+                top: int = 20) -> list[tuple[str, float]]:
+  """Milliseconds per call spent in each HLO op group, largest first.
+
+  Runs ``call`` ``repeats`` times under `jax.profiler.trace`, maps each
+  XLA:CPU thunk to the ``op_name`` of its instruction in ``compiled_text``
+  (the compiled HLO), with ``blocks_<i>`` merged into ``blocks_*`` so a
+  group sums over the transformer blocks.
+  """
+  import gzip
+  import re
+  import jax
+
+  op_names = {m.group(1): m.group(2) for m in re.finditer(
+      r"%([\w.\-]+) = [^\n]*?op_name=\"([^\"]*)\"", compiled_text)}
+  with tempfile.TemporaryDirectory() as d:
+    with jax.profiler.trace(d, create_perfetto_trace=True):
+      for _ in range(repeats):
+        call()
+    paths = [os.path.join(r, f) for r, _, fs in os.walk(d) for f in fs
+             if f.endswith(".trace.json.gz")]
+    if not paths:
+      raise RuntimeError("jax.profiler wrote no perfetto trace")
+    with gzip.open(paths[0]) as f:
+      events = json.load(f)["traceEvents"]
+  groups: dict[str, float] = collections.Counter()
+  for e in events:
+    name = op_names.get(e.get("name")) if e.get("ph") == "X" else None
+    if name is None:
+      continue
+    name = re.sub(r"blocks_\d+", "blocks_*", name.split("/", 1)[-1])
+    groups[name] += e["dur"] / 1e3 / repeats
+  return sorted(groups.items(), key=lambda kv: -kv[1])[:top]
 
 
 def _median(xs):
@@ -745,6 +794,13 @@ def run(s: Settings) -> dict:
   whole = sim_compiles + timed_counter.compiles["step"] - (1 if run_step else 0)
   table.check("train step compilations, whole benchmark (t sweep + run)",
               whole, "", "= 1", whole == 1 and step._cache_size() == 1)
+  if s.profile:
+    chain = chains[t_lo]
+    text = step.lower(*chain.state, *chain.rest).compile().as_text()
+    ops = profile_ops(lambda: chain(False), text, top=s.profile)
+    for name, ms in ops:
+      table.add(f"profile t={t_lo}: {name}", ms, "ms")
+    phase("profile")
 
   # -- FLOPs: the step is already compiled, so these hit the cache.
   args = chains[t_lo].state + (backbone, batch, lo, hi, lr)

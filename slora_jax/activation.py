@@ -1,4 +1,5 @@
-"""SD-LoRA on activations: the training-time form of `apply_adapters`.
+"""SD-LoRA with adapter gradients from activations: the training-time form of
+`apply_adapters`.
 
 `apply_adapters` adds ΔW to the kernels. That is the right form for inference
 (`merge`) but an expensive one to differentiate: the model's backward pass then
@@ -6,15 +7,16 @@ forms the kernel gradient xᵀ·dy for every adapted kernel — for timm's fused
 qkv that is the whole (d, 3d) product, although only the adapter factors and
 the magnitudes train. `apply_with_adapters` runs the same function without it:
 
-* earlier directions are merged into the kernels *without* a gradient path, so
-  the model's backward computes only dx through them;
-* the current pair enters on the activations, ``y += c·(x Aᵀ) Bᵀ`` on its
-  columns, so its gradient costs O(N·d·r);
-* the magnitudes' gradient ⟨xᵀdy, D_i⟩ = Σ_n (x A_iᵀ)·(dy B_i) is supplied by a
-  custom VJP (`_magnitude_tap`) that visits only the *occupied* slots, in
-  chunks, with a loop whose trip count is the stored-direction count: one
-  compiled step serves every task, and task 0 of a 100-slot run costs what
-  task 0 of a 1-slot run costs.
+* the whole ΔW (earlier directions and the current pair) is merged into the
+  kernels *without* a gradient path, so the forward is the plain model's and
+  its backward computes only dx;
+* a custom VJP on each adapted map's output (`_tap`) supplies the gradients
+  from that map's input x and output cotangent dy: the current pair's through
+  x·Aᵀ and dy·B (O(N·d·r), no d×d product), and the magnitudes'
+  ⟨xᵀdy, D_i⟩ = Σ_n (x A_iᵀ)·(dy B_i) over the *occupied* slots only, in
+  chunks, with loops whose trip counts come from the stored-direction count:
+  one compiled step serves every task, and task 0 of a 100-slot run costs
+  what task 0 of a 1-slot run costs.
 
 Values and gradients equal those of ``apply_fn(apply_adapters(params, a))``
 (tested). The hook is Flax Linen method interception, so the model code stays
@@ -39,46 +41,35 @@ __all__ = ["apply_with_adapters", "stored_delta", "magnitude_cotangent"]
 
 # Occupied slots are visited in chunks: products over few stored columns run
 # far below the matmul peak on CPU (60 columns: ~30 GFLOP/s, 250: ~55, on
-# ViT-B shapes), so whole chunks of ~_BIG_COLUMNS cover the bulk and chunks of
-# ~_SMALL_COLUMNS the rest, keeping the cost close to proportional to the
-# number of stored directions.
-_SMALL_COLUMNS = 128
-_BIG_COLUMNS = 256
+# ViT-B shapes), so loops over chunks of ~_CHUNK_COLUMNS[0] columns cover the
+# bulk, then ones of ~_CHUNK_COLUMNS[1], then single slots: exactly the
+# occupied slots are visited, with few small products.
+_CHUNK_COLUMNS = (256, 64)
 # Above this many stored columns per token, the magnitudes' gradient is
 # cheaper through the kernel gradient G = xᵀdy (one 2·N·d_in·d_out product,
 # then 2·d_in·d_out per column) than through x·Aᵀ and dy·B (4·N·d per column).
 _G_ROUTE_COLUMNS_PER_TOKEN = 0.75
 
 
-def _chunk(capacity: int, rank: int, columns: int) -> int:
-  return max(1, min(capacity, columns // max(rank, 1)))
+def _chunk_sizes(capacity: int, rank: int) -> list[int]:
+  sizes = {max(1, min(capacity, cols // max(rank, 1))) for cols in _CHUNK_COLUMNS}
+  return sorted(sizes | {1}, reverse=True)
 
 
 def _slots_loop(n, capacity, rank, body, init):
-  """Folds ``body(start, k, weights, carry)`` over the chunks of slots < n.
+  """Folds ``body(start, k, carry)`` over chunks covering slots ``[0, n)``.
 
-  ``weights`` (k,) is 1 for the slots of the chunk this call must count and 0
-  for the rest: past ``n``, or counted already (the last small chunk's start
-  is clamped to stay inside the capacity, so it may overlap). The loops' trip
-  counts depend on ``n`` at run time: one program for every task.
+  Chunks never overlap or pass ``n``. The loops' trip counts are computed
+  from ``n`` at run time: one program serves every task.
   """
-  big = _chunk(capacity, rank, _BIG_COLUMNS)
-  small = _chunk(capacity, rank, _SMALL_COLUMNS)
-  n_big = (n // big) * big
-
-  def big_step(i, carry):
-    return body(i * big, big, jnp.ones((big,), jnp.float32), carry)
-
-  def small_step(i, carry):
-    first = n_big + i * small
-    start = jnp.minimum(first, capacity - small)
-    idx = start + jnp.arange(small)
-    weights = ((idx >= first) & (idx < n)).astype(jnp.float32)
-    return body(start, small, weights, carry)
-
-  carry = jax.lax.fori_loop(0, n // big, big_step, init)
-  trips = (n - n_big + small - 1) // small
-  return jax.lax.fori_loop(0, trips, small_step, carry)
+  carry, start, rest = init, jnp.zeros((), jnp.int32), n
+  for size in _chunk_sizes(capacity, rank):
+    carry = jax.lax.fori_loop(
+        0, rest // size,
+        lambda i, c, size=size, start=start: body(start + i * size, size, c),
+        carry)
+    start, rest = start + (rest // size) * size, rest % size
+  return carry
 
 
 def _slots(x, start, k):
@@ -86,24 +77,28 @@ def _slots(x, start, k):
 
 
 def stored_delta(coef: jax.Array, a: jax.Array, b: jax.Array,
-                 n: jax.Array) -> jax.Array:
-  """Σ_{i<n} coef_i·(B_i A_i)ᵀ as ``(d_in, d_out)``, visiting occupied slots only.
+                 n: jax.Array, init: jax.Array | None = None) -> jax.Array:
+  """init + Σ_{i<n} coef_i·(B_i A_i)ᵀ as ``(d_in, d_out)``, visiting occupied
+  slots only.
 
   Args:
     coef: (C,) per-slot factors (magnitude × normalisation).
     a: (C, R, d_in) stored A factors.
     b: (C, d_out, R) stored B factors.
     n: int32 scalar, number of occupied slots (the first ``n``).
+    init: optional ``(d_in, d_out)`` term to add to (zeros if None).
   """
   capacity, rank, d_in = a.shape
   d_out = b.shape[1]
 
-  def body(start, k, weights, acc):
-    w = _slots(coef, start, k) * weights
+  def body(start, k, acc):
+    w = _slots(coef, start, k)
     return acc + jnp.einsum("cri,cor->io", _slots(a, start, k) * w[:, None, None],
                             _slots(b, start, k))
 
-  return _slots_loop(n, capacity, rank, body, jnp.zeros((d_in, d_out), a.dtype))
+  if init is None:
+    init = jnp.zeros((d_in, d_out), a.dtype)
+  return _slots_loop(n, capacity, rank, body, init.astype(a.dtype))
 
 
 def _add_at(x, start, part):
@@ -125,18 +120,18 @@ def magnitude_cotangent(x: jax.Array, g: jax.Array, a: jax.Array,
   tokens = x.shape[0]
 
   def through_activations(_):
-    def body(start, k, weights, dcoef):
+    def body(start, k, dcoef):
       u = jnp.einsum("ni,cri->ncr", x, _slots(a, start, k))
       v = jnp.einsum("no,cor->ncr", g, _slots(b, start, k))
-      return _add_at(dcoef, start, jnp.einsum("ncr,ncr->c", u, v) * weights)
+      return _add_at(dcoef, start, jnp.einsum("ncr,ncr->c", u, v))
     return _slots_loop(n, capacity, rank, body, jnp.zeros((capacity,), x.dtype))
 
   def through_kernel_gradient(_):
     grad_w = x.T @ g
-    def body(start, k, weights, dcoef):
+    def body(start, k, dcoef):
       part = jnp.einsum("io,cri,cor->c", grad_w, _slots(a, start, k),
                         _slots(b, start, k))
-      return _add_at(dcoef, start, part * weights)
+      return _add_at(dcoef, start, part)
     return _slots_loop(n, capacity, rank, body, jnp.zeros((capacity,), x.dtype))
 
   # FLOPs: activations 4·N·(d_in+d_out)/2 per column, G 2·N·d_in·d_out once
@@ -145,32 +140,70 @@ def magnitude_cotangent(x: jax.Array, g: jax.Array, a: jax.Array,
   return jax.lax.cond(use_g, through_kernel_gradient, through_activations, None)
 
 
-@jax.custom_vjp
-def _magnitude_tap(y, x, coef, a, b, n):
-  """Identity on ``y``; its VJP adds d(loss)/d(coef) for the stored part.
+def _tap(cols, y, x, current, stored, n):
+  """Identity on ``y``; its VJP supplies the adapter factors' cotangents.
 
-  ``y`` is added to the output columns of a map whose kernel already holds
-  Σ coef_i·D_i (with no gradient path), so ``y``'s cotangent is those
-  columns' cotangent dy; this supplies coef's cotangent
-  ⟨xᵀ dy, D_i⟩ = Σ_tokens (x A_iᵀ)·(dy B_i), for occupied slots only.
+  ``y`` is the output of a map whose kernel already holds the whole ΔW (the
+  current pair included) with no gradient path, so the model's own backward
+  pass yields dx; this adds, per target (``cols``: its output columns), from
+  that target's output cotangent dy and input x:
+
+  * the current pair, ``ΔW += s·(B A)ᵀ``: with u = x·Aᵀ and v = dy·B,
+    ds = Σ u⊙v, dA = s·vᵀx and dB = s·dyᵀu (O(N·d·r), no d×d product);
+  * the stored slots' factors, ⟨xᵀdy, B_iA_i⟩ for occupied slots only
+    (`magnitude_cotangent`).
   """
-  del x, coef, a, b, n
+  del cols, x, current, stored, n
   return y
 
 
-def _tap_fwd(y, x, coef, a, b, n):
-  return y, (x, coef, a, b, n)
+_tap = jax.custom_vjp(_tap, nondiff_argnums=(0,))
 
 
-def _tap_bwd(res, g):
-  x, coef, a, b, n = res
-  x2 = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
-  g2 = g.reshape(-1, g.shape[-1]).astype(jnp.float32)
-  dcoef = magnitude_cotangent(x2, g2, a, b, n).astype(coef.dtype)
-  return g, None, dcoef, None, None, None
+def _tap_fwd(cols, y, x, current, stored, n):
+  return y, (x, current, stored, n)
 
 
-_magnitude_tap.defvjp(_tap_fwd, _tap_bwd)
+def _tap_bwd(cols, res, g):
+  x, current, stored, n = res
+  x2 = x.astype(jnp.float32)
+  g2 = g.reshape(x.shape[0], -1).astype(jnp.float32)
+  width = g2.shape[1]
+  ranks = [a.shape[0] for a, _, _ in current]
+  offsets = [sum(ranks[:i]) for i in range(len(ranks) + 1)]
+  # All targets of the map at once, on the full output width: B of each
+  # target sits in its own rows (output columns) and rank columns of one
+  # (width, Σr) factor. Three products then serve every target, and the
+  # cotangent is never sliced into (N, d_out) copies.
+  a_all = jnp.concatenate([a.astype(jnp.float32) for a, _, _ in current])
+  b_all = jnp.concatenate(
+      [b.astype(jnp.float32) if span is None else
+       jnp.pad(b.astype(jnp.float32), ((span[0], width - span[1]), (0, 0)))
+       for span, (_, b, _) in zip(cols, current)], axis=1)
+  u = x2 @ a_all.T                                   # (N, Σr)
+  v = g2 @ b_all                                     # (N, Σr)
+  uv = jnp.sum(u * v, axis=0)
+  d_a_all = jnp.einsum("nr,ni->ri", v, x2)           # (Σr, d_in)
+  d_b_all = jnp.einsum("nr,no->ro", u, g2)           # (Σr, width)
+  d_current, d_stored = [], []
+  for i, (span, (a, b, scale), (coef, prev_a, prev_b)) in enumerate(
+      zip(cols, current, stored)):
+    lo, hi = offsets[i], offsets[i + 1]
+    c0, c1 = (0, width) if span is None else span
+    d_current.append(((scale * d_a_all[lo:hi]).astype(a.dtype),
+                      (scale * d_b_all[lo:hi, c0:c1].T).astype(b.dtype),
+                      jnp.sum(uv[lo:hi]).astype(scale.dtype)))
+    # Slicing inside the branch: task 0 (nothing stored) never copies it.
+    d_coef = jax.lax.cond(
+        n > 0,
+        lambda g2=g2, c0=c0, c1=c1, prev_a=prev_a, prev_b=prev_b:
+            magnitude_cotangent(x2, g2[:, c0:c1], prev_a, prev_b, n),
+        lambda: jnp.zeros(coef.shape, jnp.float32))
+    d_stored.append((d_coef.astype(coef.dtype), None, None))
+  return g, None, tuple(d_current), tuple(d_stored), None
+
+
+_tap.defvjp(_tap_fwd, _tap_bwd)
 
 
 def _module_key(path: str) -> str:
@@ -183,7 +216,8 @@ def _module_key(path: str) -> str:
 
 def apply_with_adapters(apply_fn: Callable[..., Any], params: Any,
                         adapters: ad_lib.AdapterState, *args, **kwargs) -> Any:
-  """``apply_fn(params, *args, **kwargs)`` with the adapters on activations.
+  """``apply_fn(params, *args, **kwargs)`` with the adapters, differentiated
+  through activations.
 
   Same value and gradients (w.r.t. ``adapters.trainable``) as
   ``apply_fn(apply_adapters(params, adapters), *args, **kwargs)``, without
@@ -202,14 +236,21 @@ def apply_with_adapters(apply_fn: Callable[..., Any], params: Any,
   coefs = ad_lib.slot_coefficients(adapters)
 
   by_module: dict[str, list] = {}
-  stored = {}
+  deltas, current = {}, {}
   for t in spec.targets:
     prev = frozen["previous"][t.name]
-    stored[t.name] = stored_delta(jax.lax.stop_gradient(coefs[t.name]),
-                                  prev["A"], prev["B"], n)
+    cur = adapters.trainable["current"][t.name]
+    scale = ad_lib._current_scale(adapters, cur["A"], cur["B"])
+    current[t.name] = (cur["A"], cur["B"], scale)
+    sg = jax.lax.stop_gradient
+    deltas[t.name] = stored_delta(
+        sg(coefs[t.name]), prev["A"], prev["B"], n,
+        init=(sg(cur["A"]).T * sg(scale)) @ sg(cur["B"]).T)
     by_module.setdefault(_module_key(t.path), []).append(t)
-  # Kernels with the earlier directions folded in; constants to autodiff.
-  base = jax.lax.stop_gradient(ad_lib.apply_deltas(params, spec, stored))
+  # The whole ΔW folded into the kernels as a constant to autodiff: the
+  # model's backward pass then costs what the plain model's does, and `_tap`
+  # supplies the adapters' gradients.
+  base = ad_lib.apply_deltas(params, spec, deltas)
 
   called: set[str] = set()
 
@@ -222,7 +263,7 @@ def apply_with_adapters(apply_fn: Callable[..., Any], params: Any,
       return next_fun(*f_args, **f_kwargs)
     y = next_fun(*f_args, **f_kwargs)
     called.add(key)
-    return _add_adapter_terms(adapters, tgts, f_args[0], y, coefs, n)
+    return _tap_module(tgts, f_args[0], y, current, coefs, frozen, n)
 
   with nn.intercept_methods(interceptor):
     out = apply_fn(base, *args, **kwargs)
@@ -236,8 +277,8 @@ def apply_with_adapters(apply_fn: Callable[..., Any], params: Any,
   return out
 
 
-def _add_adapter_terms(adapters, tgts, x, y, coefs, n):
-  t0, frozen = tgts[0], adapters.frozen
+def _tap_module(tgts, x, y, current, coefs, frozen, n):
+  t0 = tgts[0]
   lead = x.shape[:x.ndim - t0.in_dims]
   if (x.shape[len(lead):] != t0.kernel_shape[:t0.in_dims]
       or y.shape != lead + t0.kernel_shape[t0.in_dims:]):
@@ -245,16 +286,9 @@ def _add_adapter_terms(adapters, tgts, x, y, coefs, n):
         f"apply_with_adapters: {t0.path} maps {x.shape} to {y.shape}, which "
         f"is not a linear map on the trailing {t0.in_dims} axis/axes with "
         f"kernel {t0.kernel_shape}; use the weight form (apply_adapters)")
-  x2 = x.reshape(lead + (t0.d_in,))
-  y2 = y.reshape(lead + (t0.d_out_total,))
-  pieces = []
-  for t in tgts:
-    cur = adapters.trainable["current"][t.name]
-    prev = frozen["previous"][t.name]
-    scale = ad_lib._current_scale(adapters, cur["A"], cur["B"])
-    h = jnp.einsum("...i,ri->...r", x2.astype(jnp.float32), cur["A"]) * scale
-    d = jnp.einsum("...r,or->...o", h, cur["B"]).astype(y2.dtype)
-    # d is added to the map's output columns, so its cotangent is theirs.
-    d = _magnitude_tap(d, x2, coefs[t.name], prev["A"], prev["B"], n)
-    pieces.append((t.cols, d))
-  return ad_lib._add_columns(y2, pieces).reshape(y.shape)
+  x2 = x.reshape(-1, t0.d_in)
+  cols = tuple(t.cols for t in tgts)
+  cur = tuple(current[t.name] for t in tgts)
+  stored = tuple((coefs[t.name], frozen["previous"][t.name]["A"],
+                  frozen["previous"][t.name]["B"]) for t in tgts)
+  return _tap(cols, y, x2, cur, stored, n)

@@ -28,9 +28,21 @@ def _factors(capacity=7, rank=4, d_in=6, d_out=5, seed=0):
 
 @pytest.fixture
 def small_chunks(monkeypatch):
-  # Rank 4: big chunks of 3 slots, small chunks of 2 (clamped, overlapping).
-  monkeypatch.setattr(activation, "_BIG_COLUMNS", 12)
-  monkeypatch.setattr(activation, "_SMALL_COLUMNS", 8)
+  # Rank 4: loops over chunks of 3 slots, then 2, then 1.
+  monkeypatch.setattr(activation, "_CHUNK_COLUMNS", (12, 8))
+
+
+@pytest.mark.parametrize("capacity,rank", [(7, 4), (40, 4), (3, 4), (5, 100),
+                                           (100, 10)])
+def test_chunks_cover_each_occupied_slot_once(capacity, rank):
+  def body(start, k, count):
+    return jax.lax.dynamic_update_slice_in_dim(
+        count, jax.lax.dynamic_slice_in_dim(count, start, k) + 1, start, 0)
+  run = jax.jit(lambda n: activation._slots_loop(
+      n, capacity, rank, body, jnp.zeros((capacity,), jnp.int32)))
+  for n in range(capacity + 1):
+    np.testing.assert_array_equal(run(jnp.int32(n)),
+                                  (np.arange(capacity) < n).astype(np.int32))
 
 
 @pytest.mark.parametrize("n", [0, 1, 2, 3, 4, 5, 6, 7])

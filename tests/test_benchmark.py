@@ -21,7 +21,7 @@ TASKS = (0, 1, 5)
 ARGS = ["--model=vit_ti16", "--depth=4", "--image_size=32", "--batch=2",
         f"--tasks={','.join(map(str, TASKS))}", "--repeats=1",
         "--run_capacity=8", "--pipeline_batch=8", "--pipeline_batches=2",
-        "--workers=2"]
+        "--workers=2", "--profile=5"]
 
 
 @pytest.fixture(scope="module")
@@ -85,6 +85,17 @@ def test_table_has_every_row(result):
   # Every row is printed, and the JSON matches the printed table.
   for name in rows:
     assert name in result["stdout"]
+
+
+def test_profile_rows_name_model_ops(result):
+  rows = [r for r in result["rows"] if r["name"].startswith("profile t=0: ")]
+  assert len(rows) == 5
+  assert all(r["value"] > 0 and r["unit"] == "ms" for r in rows)
+  # Sorted by time, and mapped to HLO op names with the blocks merged.
+  assert [r["value"] for r in rows] == sorted((r["value"] for r in rows),
+                                              reverse=True)
+  assert any("blocks_*/" in r["name"] and "dot_general" in r["name"]
+             for r in rows), [r["name"] for r in rows]
 
 
 def test_one_compilation_per_run(result):

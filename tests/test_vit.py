@@ -199,3 +199,15 @@ def test_config_validation():
   with pytest.raises(ValueError, match="num_heads"):
     vit.ViTConfig(width=100, num_heads=3)
   assert hash(vit.vit_ti16()) == hash(vit.vit_ti16())
+
+
+def test_gelu_matches_float64_erf_including_tails():
+  x = np.linspace(-12.0, 12.0, 4001).astype(np.float32)
+  want = 0.5 * x.astype(np.float64) * (1 + _erf(x.astype(np.float64) / math.sqrt(2)))
+  got = np.asarray(jax.jit(vit._gelu)(jnp.asarray(x)))
+  np.testing.assert_allclose(got, want, rtol=2e-6, atol=2e-6)
+  # The derivative Φ(x) + x·φ(x), through autodiff of the erf form.
+  dgot = np.asarray(jax.vmap(jax.grad(vit._gelu))(jnp.asarray(x)))
+  xd = x.astype(np.float64)
+  dwant = 0.5 * (1 + _erf(xd / math.sqrt(2))) + xd * np.exp(-xd * xd / 2) / math.sqrt(2 * math.pi)
+  np.testing.assert_allclose(dgot, dwant, rtol=1e-5, atol=2e-6)

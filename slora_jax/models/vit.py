@@ -151,7 +151,8 @@ class Attention(nn.Module):
   config: ViTConfig
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, num_queries: int | None = None) -> jax.Array:
+    """Attends from the first ``num_queries`` tokens (all if None) to all."""
     cfg = self.config
     b, n, d = x.shape
     h, hd = cfg.num_heads, cfg.head_dim
@@ -164,12 +165,25 @@ class Attention(nn.Module):
                                kernel_init=_dense_init)
       q, k, v = (proj(name=name)(x).transpose(0, 2, 1, 3)
                  for name in ("query", "key", "value"))
+    if num_queries is not None:
+      q = q[:, :, :num_queries]
     o = _attention(q, k, v, hd ** -0.5).transpose(0, 2, 1, 3)
     if cfg.qkv == "fused":
       return nn.Dense(d, dtype=cfg.dtype, kernel_init=_dense_init,
-                      name="proj")(o.reshape(b, n, d))
+                      name="proj")(o.reshape(b, o.shape[1], d))
     return nn.DenseGeneral(d, axis=(-2, -1), dtype=cfg.dtype,
                            kernel_init=_dense_init, name="out")(o)
+
+
+def _gelu(x):
+  """Exact GELU, x·Φ(x), written as PyTorch's ``F.gelu`` computes it.
+
+  ``0.5·x·(1 + erf(x/√2))`` is the same function as `jax.nn.gelu`'s
+  erfc form (outputs agree to 1e-6 on N(0, 2²) inputs) and XLA:CPU runs it,
+  forward and backward, in 8 ms instead of 14 ms per ViT-B/16 block at batch 4
+  (docs/benchmark.md).
+  """
+  return x * (0.5 + 0.5 * jax.lax.erf(x * (1 / math.sqrt(2))))
 
 
 class Mlp(nn.Module):
@@ -181,20 +195,27 @@ class Mlp(nn.Module):
     cfg = self.config
     x = nn.Dense(cfg.mlp_dim, dtype=cfg.dtype, kernel_init=_dense_init,
                  name="fc1")(x)
-    x = jax.nn.gelu(x, approximate=False)
+    x = _gelu(x)
     return nn.Dense(cfg.width, dtype=cfg.dtype, kernel_init=_dense_init,
                     name="fc2")(x)
 
 
 class Block(nn.Module):
-  """Pre-norm transformer block; the residual stream stays float32."""
+  """Pre-norm transformer block; the residual stream stays float32.
+
+  With ``class_token_only`` it returns only the first token's output, ``(B, 1,
+  D)``: keys and values still come from every token, but the attention row,
+  projection and MLP are computed for the class token alone.
+  """
   config: ViTConfig
+  class_token_only: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     cfg = self.config
-    y = Attention(cfg, name="attn")(_layer_norm(cfg, "norm1")(x))
-    x = x + y.astype(x.dtype)
+    queries = 1 if self.class_token_only else None
+    y = Attention(cfg, name="attn")(_layer_norm(cfg, "norm1")(x), queries)
+    x = x[:, :y.shape[1]] + y.astype(x.dtype)
     y = Mlp(cfg, name="mlp")(_layer_norm(cfg, "norm2")(x))
     return x + y.astype(x.dtype)
 
@@ -234,7 +255,11 @@ class VisionTransformer(nn.Module):
     pos = self.param("pos_embed", _embed_init, (1, cfg.seq_len, d))
     x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, d)), x], axis=1) + pos
     for i in range(cfg.depth):
-      x = Block(cfg, name=f"blocks_{i}")(x)
+      # Only the class token leaves the model, and after the last block's
+      # attention every op is per token: that block computes the class
+      # token's row alone (about 6% of a ViT-B/16 step's FLOPs saved).
+      x = Block(cfg, class_token_only=i == cfg.depth - 1,
+                name=f"blocks_{i}")(x)
     # LayerNorm acts per token, so normalising only the class token equals
     # timm's norm-all-then-take-token-0 at a fraction of the cost.
     return _layer_norm(cfg, "norm", dtype=jnp.float32)(x[:, 0])
