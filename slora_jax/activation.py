@@ -39,12 +39,14 @@ from slora_jax import adapters as ad_lib
 
 __all__ = ["apply_with_adapters", "stored_delta", "magnitude_cotangent"]
 
-# Occupied slots are visited in chunks: products over few stored columns run
-# far below the matmul peak on CPU (60 columns: ~30 GFLOP/s, 250: ~55, on
-# ViT-B shapes), so loops over chunks of ~_CHUNK_COLUMNS[0] columns cover the
-# bulk, then ones of ~_CHUNK_COLUMNS[1], then single slots: exactly the
-# occupied slots are visited, with few small products.
-_CHUNK_COLUMNS = (256, 64)
+# Occupied slots are visited in chunks. Each chunk costs a fixed overhead
+# (its (d_in, d_out) accumulator update and several small ops: about as much
+# as 4 slots' products at ViT-B batch 4) plus its products, which run far
+# below the matmul peak over few columns (60: ~30 GFLOP/s, 250: ~55). So a
+# loop over chunks of ~_BIG_COLUMNS covers the bulk, and the remainder is
+# split by its binary digits (16, 8, 4, 2, 1 slots at rank 10), each run at
+# most once: exactly the occupied slots, in at most log2 small chunks.
+_BIG_COLUMNS = 256
 # Above this many stored columns per token, the magnitudes' gradient is
 # cheaper through the kernel gradient G = xᵀdy (one 2·N·d_in·d_out product,
 # then 2·d_in·d_out per column) than through x·Aᵀ and dy·B (4·N·d per column).
@@ -52,8 +54,13 @@ _G_ROUTE_COLUMNS_PER_TOKEN = 0.75
 
 
 def _chunk_sizes(capacity: int, rank: int) -> list[int]:
-  sizes = {max(1, min(capacity, cols // max(rank, 1))) for cols in _CHUNK_COLUMNS}
-  return sorted(sizes | {1}, reverse=True)
+  big = max(1, min(capacity, _BIG_COLUMNS // max(rank, 1)))
+  sizes = [big]
+  size = 1 << ((big - 1).bit_length() - 1) if big > 1 else 0   # ≤ big - 1
+  while size:
+    sizes.append(size)
+    size //= 2
+  return sizes
 
 
 def _slots_loop(n, capacity, rank, body, init):
@@ -236,13 +243,13 @@ def apply_with_adapters(apply_fn: Callable[..., Any], params: Any,
   coefs = ad_lib.slot_coefficients(adapters)
 
   by_module: dict[str, list] = {}
+  sg = jax.lax.stop_gradient
   deltas, current = {}, {}
   for t in spec.targets:
     prev = frozen["previous"][t.name]
     cur = adapters.trainable["current"][t.name]
     scale = ad_lib._current_scale(adapters, cur["A"], cur["B"])
     current[t.name] = (cur["A"], cur["B"], scale)
-    sg = jax.lax.stop_gradient
     deltas[t.name] = stored_delta(
         sg(coefs[t.name]), prev["A"], prev["B"], n,
         init=(sg(cur["A"]).T * sg(scale)) @ sg(cur["B"]).T)

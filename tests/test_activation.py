@@ -28,8 +28,8 @@ def _factors(capacity=7, rank=4, d_in=6, d_out=5, seed=0):
 
 @pytest.fixture
 def small_chunks(monkeypatch):
-  # Rank 4: loops over chunks of 3 slots, then 2, then 1.
-  monkeypatch.setattr(activation, "_CHUNK_COLUMNS", (12, 8))
+  # Rank 4: a loop over chunks of 3 slots, then at most one of 2 and of 1.
+  monkeypatch.setattr(activation, "_BIG_COLUMNS", 12)
 
 
 @pytest.mark.parametrize("capacity,rank", [(7, 4), (40, 4), (3, 4), (5, 100),
