@@ -28,7 +28,6 @@ trace time; the weight form (`apply_adapters`) works for any model.
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -157,7 +156,7 @@ def _tap(cols, y, x, current, stored, n):
 
   * the current pair, ``ΔW += s·(B A)ᵀ``: with u = x·Aᵀ and v = dy·B,
     ds = Σ u⊙v, dA = s·vᵀx and dB = s·dyᵀu (O(N·d·r), no d×d product);
-  * the stored slots' factors, ⟨xᵀdy, B_iA_i⟩ for occupied slots only
+  * the stored slots' coefficients, ⟨xᵀdy, B_iA_i⟩ for occupied slots only
     (`magnitude_cotangent`).
   """
   del cols, x, current, stored, n
