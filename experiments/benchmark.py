@@ -794,17 +794,17 @@ def run(s: Settings) -> dict:
   whole = sim_compiles + timed_counter.compiles["step"] - (1 if run_step else 0)
   table.check("train step compilations, whole benchmark (t sweep + run)",
               whole, "", "= 1", whole == 1 and step._cache_size() == 1)
+  # The step is already compiled, so this hits the cache.
+  compiled = step.lower(*chains[t_lo].state, *chains[t_lo].rest).compile()
   if s.profile:
-    chain = chains[t_lo]
-    text = step.lower(*chain.state, *chain.rest).compile().as_text()
-    ops = profile_ops(lambda: chain(False), text, top=s.profile)
+    ops = profile_ops(lambda: chains[t_lo](False), compiled.as_text(),
+                      top=s.profile)
     for name, ms in ops:
       table.add(f"profile t={t_lo}: {name}", ms, "ms")
     phase("profile")
 
-  # -- FLOPs: the step is already compiled, so these hit the cache.
-  args = chains[t_lo].state + (backbone, batch, lo, hi, lr)
-  flops = _xla_flops(step.lower(*args).compile())
+  # -- FLOPs.
+  flops = _xla_flops(compiled)
   lora_flops = _xla_flops(lora_step.lower(*calls["lora"].state, backbone,
                                           batch, lo, hi, lr).compile())
   targets = len(template.spec.targets)

@@ -107,10 +107,9 @@ def stored_delta(coef: jax.Array, a: jax.Array, b: jax.Array,
   return _slots_loop(n, capacity, rank, body, init.astype(a.dtype))
 
 
-def _add_at(x, start, part):
-  k = part.shape[0]
-  return jax.lax.dynamic_update_slice_in_dim(x, _slots(x, start, k) + part,
-                                             start, 0)
+def _put(x, start, part):
+  # Chunks never overlap, so each slot is written once, over a zero.
+  return jax.lax.dynamic_update_slice_in_dim(x, part, start, 0)
 
 
 def magnitude_cotangent(x: jax.Array, g: jax.Array, a: jax.Array,
@@ -121,15 +120,14 @@ def magnitude_cotangent(x: jax.Array, g: jax.Array, a: jax.Array,
   outputs. Few stored directions go through the activations, x·A_iᵀ and
   g·B_i; many through G = xᵀg, whichever costs fewer FLOPs at run time.
   """
-  capacity, rank, d_in = a.shape
-  d_out = b.shape[1]
+  capacity, rank, _ = a.shape
   tokens = x.shape[0]
 
   def through_activations(_):
     def body(start, k, dcoef):
       u = jnp.einsum("ni,cri->ncr", x, _slots(a, start, k))
       v = jnp.einsum("no,cor->ncr", g, _slots(b, start, k))
-      return _add_at(dcoef, start, jnp.einsum("ncr,ncr->c", u, v))
+      return _put(dcoef, start, jnp.einsum("ncr,ncr->c", u, v))
     return _slots_loop(n, capacity, rank, body, jnp.zeros((capacity,), x.dtype))
 
   def through_kernel_gradient(_):
@@ -137,7 +135,7 @@ def magnitude_cotangent(x: jax.Array, g: jax.Array, a: jax.Array,
     def body(start, k, dcoef):
       part = jnp.einsum("io,cri,cor->c", grad_w, _slots(a, start, k),
                         _slots(b, start, k))
-      return _add_at(dcoef, start, part)
+      return _put(dcoef, start, part)
     return _slots_loop(n, capacity, rank, body, jnp.zeros((capacity,), x.dtype))
 
   # FLOPs: activations 4·N·(d_in+d_out)/2 per column, G 2·N·d_in·d_out once
@@ -251,7 +249,7 @@ def apply_with_adapters(apply_fn: Callable[..., Any], params: Any,
     current[t.name] = (cur["A"], cur["B"], scale)
     deltas[t.name] = stored_delta(
         sg(coefs[t.name]), prev["A"], prev["B"], n,
-        init=(sg(cur["A"]).T * sg(scale)) @ sg(cur["B"]).T)
+        init=ad_lib.current_delta(sg(cur["A"]), sg(cur["B"]), sg(scale)))
     by_module.setdefault(_module_key(t.path), []).append(t)
   # The whole ΔW folded into the kernels as a constant to autodiff: the
   # model's backward pass then costs what the plain model's does, and `_tap`

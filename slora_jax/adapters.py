@@ -31,7 +31,8 @@ from slora_jax import targets as targets_lib
 
 __all__ = [
     "AdapterSpec", "AdapterState", "init_adapters", "begin_task", "end_task",
-    "apply_adapters", "apply_deltas", "merge", "delta", "slot_coefficients", "num_stored", "stored_ranks",
+    "apply_adapters", "apply_deltas", "merge", "delta", "current_delta",
+    "slot_coefficients", "num_stored", "stored_ranks",
 ]
 
 _EPS = 1e-12
@@ -205,6 +206,11 @@ def slot_coefficients(adapters: AdapterState) -> dict[str, jax.Array]:
           for t in adapters.spec.targets}
 
 
+def current_delta(a: jax.Array, b: jax.Array, scale: jax.Array) -> jax.Array:
+  """The current pair's term ``scale·(B A)ᵀ``, ``(d_in, d_out)``."""
+  return (a.T * scale) @ b.T
+
+
 def delta(adapters: AdapterState) -> dict[str, jax.Array]:
   """ΔW of every target in input-major layout ``(d_in, d_out)``.
 
@@ -223,7 +229,8 @@ def delta(adapters: AdapterState) -> dict[str, jax.Array]:
     coef = coefs[t.name]                                              # (C,)
     d_prev = jnp.einsum("cri,cor->io", prev["A"] * coef[:, None, None],
                         prev["B"])
-    d_cur = (cur["A"].T * _current_scale(adapters, cur["A"], cur["B"])) @ cur["B"].T
+    d_cur = current_delta(cur["A"], cur["B"],
+                          _current_scale(adapters, cur["A"], cur["B"]))
     out[t.name] = d_prev + d_cur
   return out
 
@@ -282,7 +289,7 @@ def _add_columns(w, pieces):
   """``w`` with each ``(cols, d)`` added to its range of the last axis (None: all).
 
   Each piece is zero-padded to the full width and added: XLA:CPU fuses the
-  pads and adds into a single pass over ``w`` (2.2 ms for a ViT-B fused qkv
+  pads and adds into a single pass over ``w`` (1.9 ms for a ViT-B fused qkv
   kernel, against 4.5 ms for adding on slices and concatenating those, and
   far less than ``.at[].add``, which lowers to a scatter).
   """

@@ -215,7 +215,9 @@ class Block(nn.Module):
     cfg = self.config
     queries = 1 if self.class_token_only else None
     y = Attention(cfg, name="attn")(_layer_norm(cfg, "norm1")(x), queries)
-    x = x[:, :y.shape[1]] + y.astype(x.dtype)
+    if self.class_token_only:
+      x = x[:, :1]
+    x = x + y.astype(x.dtype)
     y = Mlp(cfg, name="mlp")(_layer_norm(cfg, "norm2")(x))
     return x + y.astype(x.dtype)
 
