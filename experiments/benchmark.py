@@ -58,7 +58,7 @@ _WORKERS = flags.DEFINE_integer("workers", 4, "Input-pipeline threads.")
 _JSON = flags.DEFINE_string("json_out", None, "Also save the table as JSON here.")
 _FORM = flags.DEFINE_enum(
     "adapter_form", "activation", ["activation", "weight"],
-    "How the SD-LoRA train step applies adapters (slora_jax.steps."
+    "How the SD-LoRA train step applies adapters (slora_jax.runner.steps."
     "make_train_step): on activations (default) or on the kernels.")
 _PROFILE = flags.DEFINE_integer(
     "profile", 0, "Also profile the t=min(--tasks) train step (jax.profiler) "
@@ -605,9 +605,9 @@ def write_jpeg_folder(root: str, classes: int = 10, per_class: int = 20,
 
 
 def _pipeline_factories(s: Settings, folder_root: str):
-  """``{name: (image size, iterator factory)}`` from `slora_jax.data`."""
+  """``{name: (image size, iterator factory)}`` from `slora_jax.runner.data`."""
   import numpy as np
-  from slora_jax.data import loader, sources, transforms
+  from slora_jax.runner.data import loader, sources, transforms
 
   def factory(split, size):
     transform = transforms.TrainTransform(size)
@@ -633,13 +633,13 @@ def _pipeline_factories(s: Settings, folder_root: str):
 def run(s: Settings) -> dict:
   """Measures everything; returns ``{'settings', 'environment', 'rows'}``."""
   wall0 = time.perf_counter()
-  from slora_jax import platform
+  from slora_jax.runner import platform
   platform.configure()
   import jax
   import jax.numpy as jnp
   import numpy as np
   import slora_jax as sl
-  from slora_jax import steps as steps_lib
+  from slora_jax.runner import steps as steps_lib
   from slora_jax.models import vit
 
   table = Table()

@@ -27,8 +27,8 @@ from absl import app
 from absl import flags
 import numpy as np
 
-from slora_jax import reference_numbers
-from slora_jax.results import ResultsError, load_results, write_json
+from slora_jax.runner import reference_numbers
+from slora_jax.runner.results import ResultsError, load_results, write_json
 
 _JSON = flags.DEFINE_string("json", None, "Also write the comparison to this JSON file.")
 

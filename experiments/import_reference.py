@@ -7,7 +7,7 @@ Usage:
 RUN_DIR is the reference's ``filepath`` holding ``lora_w_a_{t}.pt``,
 ``lora_w_b_{t}.pt``, ``CLs_weight{t}.pt`` and ``CLs_bias{t}.pt``. The state
 after the last task (or ``--task``) is written to DIR as an Orbax checkpoint
-plus ``reference_import.json``; `slora_jax.reference_import.load_imported`
+plus ``reference_import.json``; `slora_jax.runner.reference_import.load_imported`
 restores it for `slora_jax.merge` and the eval step. The reference never saves
 its learned magnitudes: pass them (α_prev[0..T-2] then α_cur, e.g. from its
 log) or the reference's initial 0.8 is used, with a warning.
@@ -71,7 +71,7 @@ def run(argv: Sequence[str]) -> int:
   """Runs the import; returns the exit status (0, or 2 after an error line)."""
   args = _parser().parse_args(argv)
   from slora_jax import policy
-  from slora_jax import reference_import as ri
+  from slora_jax.runner import reference_import as ri
 
   try:
     config = _config(args)

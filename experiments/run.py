@@ -114,8 +114,8 @@ except (KeyError, AttributeError) as err:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  from slora_jax import errors
-  from slora_jax import train
+  from slora_jax.runner import errors
+  from slora_jax.runner import train
 
   config = _CONFIG.value
   workdir = _WORKDIR.value or default_workdir(flags.FLAGS["config"].config_filename)

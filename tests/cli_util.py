@@ -5,7 +5,7 @@ import os
 import subprocess
 import sys
 
-from slora_jax import faults
+from slora_jax.runner import faults
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "tests", "tiny_config.py")

@@ -14,7 +14,7 @@ import pytest
 
 import slora_jax as sl
 from slora_jax import activation
-from slora_jax import steps as steps_lib
+from slora_jax.runner import steps as steps_lib
 from slora_jax.models import vit
 
 

@@ -7,7 +7,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from slora_jax import backbone
+from slora_jax.runner import backbone
 from slora_jax.models import convert
 from slora_jax.models import vit
 

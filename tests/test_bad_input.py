@@ -21,9 +21,9 @@ import pytest
 from PIL import Image
 
 from cli_util import cli_env, error_line, run_cli, snapshot, tail
-from slora_jax import checkpoint as ckpt_lib
-from slora_jax import experiment_data
-from slora_jax import train
+from slora_jax.runner import checkpoint as ckpt_lib
+from slora_jax.runner import experiment_data
+from slora_jax.runner import train
 from slora_jax.models import convert
 from slora_jax.models import vit as vit_lib
 import tiny_config

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from slora_jax import checkpoint as ckpt_lib
+from slora_jax.runner import checkpoint as ckpt_lib
 
 
 def _state(x):

@@ -1,4 +1,4 @@
-"""Tests for slora_jax.results (results.json, plots) and experiments.compare."""
+"""Tests for slora_jax.runner.results (results.json, plots) and experiments.compare."""
 
 import io
 import json
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from experiments import compare
-from slora_jax import results
+from slora_jax.runner import results
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from slora_jax.data import loader
-from slora_jax.data import sources
-from slora_jax.data import tasks
-from slora_jax.data import transforms
-from slora_jax.data.sources import DataError
+from slora_jax.runner.data import loader
+from slora_jax.runner.data import sources
+from slora_jax.runner.data import tasks
+from slora_jax.runner.data import transforms
+from slora_jax.runner.data.sources import DataError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FMNIST = "/usr/share/datasets/fashion-mnist"

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from slora_jax import experiment_data
-from slora_jax.data import sources
-from slora_jax.data.sources import DataError
+from slora_jax.runner import experiment_data
+from slora_jax.runner.data import sources
+from slora_jax.runner.data.sources import DataError
 
 
 def synthetic_config(method="sdlora", **data):
@@ -151,5 +151,5 @@ def test_prepare_image_folders(tmp_path):
 
 
 def test_error_type_is_the_projects_user_error():
-  from slora_jax import errors
+  from slora_jax.runner import errors
   assert issubclass(sources.DataError, errors.USER_ERRORS)

@@ -2,7 +2,7 @@
 
 Every run here is the real entry point in a subprocess (``python -m
 experiments.run``) on `tests/tiny_config.py`; kills come from the
-``SLORA_JAX_KILL_AT`` hook (slora_jax/faults.py), so each lands at an exact
+``SLORA_JAX_KILL_AT`` hook (slora_jax/runner/faults.py), so each lands at an exact
 place. The subprocesses share a persistent XLA compilation cache: only the
 first one compiles.
 """

@@ -20,9 +20,9 @@ import pytest
 
 import slora_jax as sl
 from experiments import import_reference as cli
-from slora_jax import metrics
-from slora_jax import reference_import as ri
-from slora_jax import steps
+from slora_jax.runner import metrics
+from slora_jax.runner import reference_import as ri
+from slora_jax.runner import steps
 from slora_jax.models import convert
 from slora_jax.models import vit as vit_lib
 

@@ -1,4 +1,4 @@
-"""Tests for slora_jax.metrics and the reference-number data."""
+"""Tests for slora_jax.runner.metrics and the reference-number data."""
 
 import math
 
@@ -7,8 +7,8 @@ from hypothesis import strategies as st
 import numpy as np
 import pytest
 
-from slora_jax import metrics
-from slora_jax import reference_numbers
+from slora_jax.runner import metrics
+from slora_jax.runner import reference_numbers
 
 LOGS = reference_numbers.official_log_matrices()
 

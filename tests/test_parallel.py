@@ -9,7 +9,7 @@ _SCRIPT = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
     assert jax.device_count() == 4, jax.devices()
     import slora_jax as sl
-    from slora_jax import parallel, steps
+    from slora_jax.runner import parallel, steps
     from slora_jax.models import vit
 
     cfg = vit.ViTConfig(image_size=16, patch_size=4, width=32, depth=2,

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 from experiments.configs import demo
-from slora_jax import checkpoint as ckpt_lib
-from slora_jax import results as results_lib
-from slora_jax import train
+from slora_jax.runner import checkpoint as ckpt_lib
+from slora_jax.runner import results as results_lib
+from slora_jax.runner import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FMNIST = demo.FASHION_MNIST

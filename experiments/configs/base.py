@@ -23,7 +23,7 @@ def base() -> ml_collections.ConfigDict:
   # task, factor-norm normalisation); 'paper': what the paper writes.
   c.semantics = "reference"
   c.seeds = PAPER_SEEDS
-  # Key into slora_jax/reference_data/reference_numbers.json for `compare`.
+  # Key into slora_jax/runner/reference_data/reference_numbers.json for `compare`.
   c.benchmark = ""
   c.log_every_steps = 10
   c.distributed = False          # jax.distributed.initialize() (multi-host)
@@ -43,7 +43,7 @@ def base() -> ml_collections.ConfigDict:
   c.model.qkv = "fused"
   c.model.dtype = "float32"      # compute dtype; 'bfloat16' keeps f32 params
   c.model.seed = 0
-  # model.init='synthetic_pretrain' (see slora_jax/backbone.py): task is
+  # model.init='synthetic_pretrain' (see slora_jax/runner/backbone.py): task is
   # 'rotation' (self-supervised on num_classes*train_per_class unlabeled
   # training images of the run's data) or 'patterns' (generated classes).
   c.model.pretrain = ml_collections.ConfigDict(dict(

@@ -48,7 +48,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from slora_jax import metrics
+from slora_jax.runner import metrics
 
 __all__ = [
     "SCHEMA_VERSION", "RESULTS_FILENAME", "ResultsError", "to_jsonable",

@@ -33,10 +33,10 @@ from typing import Iterator
 import jax
 import numpy as np
 
-from slora_jax.data import loader
-from slora_jax.data import sources
-from slora_jax.data import tasks
-from slora_jax.data import transforms
+from slora_jax.runner.data import loader
+from slora_jax.runner.data import sources
+from slora_jax.runner.data import tasks
+from slora_jax.runner.data import transforms
 
 __all__ = ["ExperimentData", "prepare", "METHODS"]
 

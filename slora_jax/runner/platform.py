@@ -75,7 +75,7 @@ def configure(extra: tuple[str, ...] | list[str] = ()) -> str:
     return flags
   if _backends_started():
     logging.warning("JAX already started a backend; XLA_FLAGS %r not applied "
-                    "(call slora_jax.platform.configure() first)", flags)
+                    "(call slora_jax.runner.platform.configure() first)", flags)
     return os.environ.get("XLA_FLAGS", "")
   os.environ["XLA_FLAGS"] = flags
   return flags

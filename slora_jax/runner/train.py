@@ -24,15 +24,15 @@ import jax.numpy as jnp
 import numpy as np
 
 import slora_jax as sl
-from slora_jax import backbone as backbone_lib
-from slora_jax import checkpoint as ckpt_lib
-from slora_jax import errors
-from slora_jax import experiment_data
-from slora_jax import faults
-from slora_jax import metrics
-from slora_jax import parallel
-from slora_jax import results as results_lib
-from slora_jax import steps as steps_lib
+from slora_jax.runner import backbone as backbone_lib
+from slora_jax.runner import checkpoint as ckpt_lib
+from slora_jax.runner import errors
+from slora_jax.runner import experiment_data
+from slora_jax.runner import faults
+from slora_jax.runner import metrics
+from slora_jax.runner import parallel
+from slora_jax.runner import results as results_lib
+from slora_jax.runner import steps as steps_lib
 
 __all__ = ["train_and_evaluate", "run_seed", "METHODS"]
 

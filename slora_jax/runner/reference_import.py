@@ -48,7 +48,7 @@ import numpy as np
 
 from slora_jax import adapters as adapters_lib
 from slora_jax import policy as policy_lib
-from slora_jax import results as results_lib
+from slora_jax.runner import results as results_lib
 from slora_jax import targets as targets_lib
 from slora_jax.models import vit as vit_lib
 

@@ -34,8 +34,8 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from slora_jax.data import sources
-from slora_jax.data import transforms
+from slora_jax.runner.data import sources
+from slora_jax.runner.data import transforms
 
 __all__ = ["BatchIterator", "train_batches", "eval_batches", "steps_per_epoch",
            "epoch_order", "local_rows", "measure_throughput"]

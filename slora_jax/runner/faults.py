@@ -3,8 +3,8 @@
 ``SLORA_JAX_KILL_AT=<point>:<n>`` makes the process send itself SIGKILL the
 n-th time it reaches ``point`` (n defaults to 1), so a test can stop a real run
 at an exact place, as a preempted VM would, and check that the restart
-resumes. The points are named where `point` is called (slora_jax/train.py,
-slora_jax/checkpoint.py): ``train_step``, ``checkpoint_write`` (an Orbax
+resumes. The points are named where `point` is called (slora_jax/runner/train.py,
+slora_jax/runner/checkpoint.py): ``train_step``, ``checkpoint_write`` (an Orbax
 save whose temporary directory is complete on disk but not yet committed),
 ``eval_step``, ``results_written``, ``between_tasks``, ``restore``, ``final``.
 """

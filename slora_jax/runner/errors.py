@@ -1,8 +1,8 @@
 """The errors a user can cause and fix; entry points print them as one line."""
 
-from slora_jax.checkpoint import ConfigMismatchError
-from slora_jax.checkpoint import WorkdirError
-from slora_jax.data.sources import DataError
+from slora_jax.runner.checkpoint import ConfigMismatchError
+from slora_jax.runner.checkpoint import WorkdirError
+from slora_jax.runner.data.sources import DataError
 from slora_jax.models.convert import CheckpointMismatchError
 
 

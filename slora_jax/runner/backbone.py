@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from slora_jax import results as results_lib
+from slora_jax.runner import results as results_lib
 from slora_jax.models import convert
 from slora_jax.models import vit as vit_lib
 
@@ -121,7 +121,7 @@ def _cache_key(cfg: vit_lib.ViTConfig, p, data_desc: str) -> str:
 
 def _pretrain_images(cfg, p, data):
   """(images (N, s, s, 3) in [0, 1], labels, description) for the task."""
-  from slora_jax.data import sources  # the data package imports TF lazily
+  from slora_jax.runner.data import sources  # the data package imports TF lazily
 
   if p.task == "patterns":
     source = sources.SyntheticSource(

@@ -20,7 +20,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from slora_jax import faults
+from slora_jax.runner import faults
 
 __all__ = ["Checkpointer", "ConfigMismatchError", "WorkdirError",
            "check_fingerprint", "check_workdir", "disk_full_error",
