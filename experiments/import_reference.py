@@ -6,9 +6,10 @@ Usage:
 
 RUN_DIR is the reference's ``filepath`` holding ``lora_w_a_{t}.pt``,
 ``lora_w_b_{t}.pt``, ``CLs_weight{t}.pt`` and ``CLs_bias{t}.pt``. The state
-after the last task (or ``--task``) is written to DIR as an Orbax checkpoint
-plus ``reference_import.json``; `slora_jax.runner.reference_import.load_imported`
-restores it for `slora_jax.merge` and the eval step. The reference never saves
+after the last task (or ``--task``) is written to DIR with
+`slora_jax.save_adapters` (the head as its extra arrays);
+`slora_jax.runner.reference_import.load_imported` restores it for
+`slora_jax.merge` and the eval step. The reference never saves
 its learned magnitudes: pass them (α_prev[0..T-2] then α_cur, e.g. from its
 log) or the reference's initial 0.8 is used, with a warning.
 
@@ -24,9 +25,7 @@ import os
 import sys
 from typing import Sequence
 
-# argparse rather than absl flags: absl registers flags process-wide, and
-# names such as --model and --depth are already taken by experiments.benchmark.
-_PRESETS = ("vit_b16", "vit_s16", "vit_ti16")
+from slora_jax.models.vit import PRESETS
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -43,7 +42,7 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--task", type=int, default=None,
                  help="import the state after this 0-indexed task (default: "
                  "the last one present)")
-  p.add_argument("--model", default="vit_b16", choices=_PRESETS,
+  p.add_argument("--model", default="vit_b16", choices=sorted(PRESETS),
                  help="ViT preset the adapters are for (default vit_b16, the "
                  "reference's backbone)")
   for name in ("width", "depth", "num_heads", "mlp_dim", "image_size",
@@ -59,12 +58,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def _config(args):
   from slora_jax.models import vit as vit_lib
-  presets = {"vit_b16": vit_lib.vit_b16, "vit_s16": vit_lib.vit_s16,
-             "vit_ti16": vit_lib.vit_ti16}
   fields = {k: getattr(args, k) for k in ("width", "depth", "num_heads",
                                           "mlp_dim", "image_size", "patch_size")
             if getattr(args, k)}
-  return presets[args.model](qkv=args.qkv, **fields)
+  return vit_lib.preset(args.model, qkv=args.qkv, **fields)
 
 
 def run(argv: Sequence[str]) -> int:

@@ -1,13 +1,15 @@
 """The demo backbone's label-free pre-training and its cache."""
 
+import dataclasses
 import os
 
 import jax
-import ml_collections
 import numpy as np
 import pytest
 
+from experiments.configs import base
 from slora_jax.runner import backbone
+from slora_jax.runner import config as config_lib
 from slora_jax.models import convert
 from slora_jax.models import vit
 
@@ -16,16 +18,18 @@ CFG = vit.ViTConfig(image_size=16, patch_size=8, width=16, depth=1,
 
 
 def _pretrain(task, steps=6):
-  return ml_collections.ConfigDict(dict(
+  return config_lib.PretrainSettings(
       task=task, num_classes=4, train_per_class=8, steps=steps, batch_size=8,
-      lr=1e-2, seed=3, cache_dir=""))
+      lr=1e-2, seed=3, cache_dir="")
 
 
 def _data():
-  return ml_collections.ConfigDict(dict(
+  c = base.base()
+  c.data.update(dict(
       source="synthetic", name="synthetic", root="", data_dir="",
       synthetic=dict(num_classes=3, train_per_class=12, test_per_class=2,
                      seed=0), image_size=16))
+  return config_lib.from_config(c).data
 
 
 @pytest.mark.parametrize("task", ["rotation", "patterns"])
@@ -52,8 +56,9 @@ def test_cache_key_separates_tasks_steps_and_data(tmp_path):
                                        data=_data())
            for t, s in (("rotation", 2), ("rotation", 3), ("patterns", 2))}
   other = _data()
-  other.synthetic.seed = 1
-  other.root = "elsewhere"
+  other = dataclasses.replace(
+      other, root="elsewhere",
+      synthetic=dataclasses.replace(other.synthetic, seed=1))
   paths.add(backbone.synthetic_pretrain(CFG, _pretrain("rotation", 2),
                                         str(tmp_path), data=other))
   assert len(paths) == 4

@@ -23,7 +23,8 @@ from PIL import Image
 from cli_util import cli_env, error_line, run_cli, snapshot, tail
 from slora_jax.runner import checkpoint as ckpt_lib
 from slora_jax.runner import experiment_data
-from slora_jax.runner import train
+from slora_jax.runner import config as config_lib
+from slora_jax.runner import session
 from slora_jax.models import convert
 from slora_jax.models import vit as vit_lib
 import tiny_config
@@ -133,9 +134,9 @@ def test_unknown_config_key_suggests_the_nearest(env, old_run):
 
 def test_checkpoint_of_another_config_names_the_field(env, tmp_path):
   workdir = tmp_path / "run"
-  config = tiny_config.get_config()
-  data = experiment_data.prepare(config, 1993)
-  fp = train.fingerprint(config, 1993, data.class_order, data.task_sizes)
+  exp = config_lib.from_config(tiny_config.get_config())
+  data = experiment_data.prepare(exp.data, exp.train, 1993)
+  fp = session.fingerprint(exp, 1993, data.class_order, data.task_sizes)
   ckpt = ckpt_lib.Checkpointer(str(workdir / "seed_1993"))
   ckpt.save({"x": np.zeros(3, np.float32)},
             {"fingerprint": fp, "cursor": {"task": 1, "step": 0,

@@ -2,20 +2,21 @@
 
 import os
 
-import ml_collections
 import numpy as np
 import pytest
 from PIL import Image
 
+from experiments.configs import base
+from slora_jax.runner import config as config_lib
 from slora_jax.runner import experiment_data
 from slora_jax.runner.data import sources
 from slora_jax.runner.data.sources import DataError
 
 
 def synthetic_config(method="sdlora", **data):
-  c = ml_collections.ConfigDict()
+  c = base.base()
   c.method = method
-  c.data = ml_collections.ConfigDict(dict(
+  c.data.update(dict(
       source="synthetic", name="synthetic", root="", data_dir="",
       image_size=12, resize_size=14, normalize="none", num_classes=0,
       init_cls=2, increment=2, num_tasks=0, shuffle_classes=True,
@@ -24,9 +25,17 @@ def synthetic_config(method="sdlora", **data):
       synthetic=dict(num_classes=6, train_per_class=7, test_per_class=3,
                      seed=0)))
   c.data.update(data)
-  c.train = ml_collections.ConfigDict(dict(
-      batch_size=4, eval_batch_size=4, epochs=3, max_steps_per_task=0))
+  c.train.update(dict(batch_size=4, eval_batch_size=4, epochs=3,
+                      max_steps_per_task=0))
   return c
+
+
+def prepare(c, seed, process_index, process_count):
+  """The runner's call: the config read once, then its sections."""
+  exp = config_lib.from_config(c)
+  return experiment_data.prepare(
+      exp.data, exp.train, seed, single_phase=exp.method.single_phase,
+      process_index=process_index, process_count=process_count)
 
 
 def _all(it):
@@ -34,7 +43,7 @@ def _all(it):
 
 
 def test_prepare_synthetic_task_protocol():
-  d = experiment_data.prepare(synthetic_config(), 1993, 0, 1)
+  d = prepare(synthetic_config(), 1993, 0, 1)
   assert d.num_tasks == 3 and d.task_sizes == [2, 2, 2] and d.num_classes == 6
   assert d.class_order == np.random.RandomState(1993).permutation(6).tolist()
   assert d.train_tasks == [(0, 2), (2, 4), (4, 6)]
@@ -63,7 +72,7 @@ def test_prepare_synthetic_task_protocol():
 def test_prepare_resume_and_step_cap():
   c = synthetic_config()
   c.train.max_steps_per_task = 5
-  d = experiment_data.prepare(c, 7, 0, 1)
+  d = prepare(c, 7, 0, 1)
   assert d.steps(1) == (4, 5)
   with d.train_batches(1) as it:
     full = _all(it)
@@ -76,7 +85,7 @@ def test_prepare_resume_and_step_cap():
 
 
 def test_prepare_joint_method():
-  d = experiment_data.prepare(synthetic_config("joint"), 1993, 0, 1)
+  d = prepare(synthetic_config("joint"), 1993, 0, 1)
   assert d.num_tasks == 3 and d.train_tasks == [(0, 6)]
   assert d.eval_hi(0) == 6 and d.eval_tasks(0) == 3
   assert d.steps(0) == (11, 33)                # ceil(42 / 4), 3 epochs
@@ -86,7 +95,7 @@ def test_prepare_joint_method():
 
 
 def test_max_per_class_takes_the_first_samples():
-  d = experiment_data.prepare(
+  d = prepare(
       synthetic_config(max_train_per_class=2, max_test_per_class=1), 5, 0, 1)
   # SyntheticSource stores class c's samples at c*7 .. c*7+6 (train).
   assert d.train_index.tolist() == [c * 7 + k for c in range(6) for k in (0, 1)]
@@ -96,33 +105,33 @@ def test_max_per_class_takes_the_first_samples():
 
 def test_process_rows_and_subset_of_classes():
   c = synthetic_config(num_classes=4)
-  d = experiment_data.prepare(c, 3, 1, 2)
+  d = prepare(c, 3, 1, 2)
   assert d.num_classes == 4 and d.class_order == (
       np.random.RandomState(3).permutation(6)[:4].tolist())
   with d.train_batches(0) as it:
     assert next(it)["image"].shape == (2, 12, 12, 3)
   c.train.eval_batch_size = 5
   with pytest.raises(DataError, match="not divisible by the 2 processes"):
-    experiment_data.prepare(c, 3, 0, 2)
+    prepare(c, 3, 0, 2)
 
 
 def test_prepare_validation_errors(tmp_path):
   with pytest.raises(DataError) as e:
-    experiment_data.prepare(synthetic_config(num_tasks=4), 1, 0, 1)
+    prepare(synthetic_config(num_tasks=4), 1, 0, 1)
   msg = str(e.value)
   assert "fewer classes (6) than init_cls + increment*(N-1)" in msg
   assert "= 8" in msg and "\n" not in msg
   with pytest.raises(DataError, match="give 3 tasks, not data.num_tasks=2"):
-    experiment_data.prepare(synthetic_config(num_tasks=2), 1, 0, 1)
+    prepare(synthetic_config(num_tasks=2), 1, 0, 1)
   with pytest.raises(DataError, match="has 6 classes but the config needs 9"):
-    experiment_data.prepare(synthetic_config(num_classes=9), 1, 0, 1)
+    prepare(synthetic_config(num_classes=9), 1, 0, 1)
   with pytest.raises(DataError, match="does not exist"):
-    experiment_data.prepare(synthetic_config(
+    prepare(synthetic_config(
         source="folder", root=str(tmp_path / "nope")), 1, 0, 1)
   with pytest.raises(DataError, match="unknown data.source"):
-    experiment_data.prepare(synthetic_config(source="hdf5"), 1, 0, 1)
+    prepare(synthetic_config(source="hdf5"), 1, 0, 1)
   with pytest.raises(DataError, match="init_cls 8 exceeds"):
-    experiment_data.prepare(synthetic_config(init_cls=8), 1, 0, 1)
+    prepare(synthetic_config(init_cls=8), 1, 0, 1)
 
 
 def test_prepare_image_folders(tmp_path):
@@ -135,7 +144,7 @@ def test_prepare_image_folders(tmp_path):
             root / split / cls / f"{k}.jpg")
   c = synthetic_config(source="folder", root=str(root), init_cls=2,
                        increment=1, num_tasks=3)
-  d = experiment_data.prepare(c, 11, 0, 1)
+  d = prepare(c, 11, 0, 1)
   assert d.task_sizes == [2, 1, 1]
   assert d.class_names == [f"c{k}" for k in d.class_order]
   total = sum(b["mask"].sum() for b in d.eval_batches(4))
@@ -143,11 +152,11 @@ def test_prepare_image_folders(tmp_path):
   os.makedirs(root / "test" / "c4")
   os.makedirs(root / "train" / "c4")
   with pytest.raises(DataError, match="c4: class folder has no images"):
-    experiment_data.prepare(c, 11, 0, 1)
+    prepare(c, 11, 0, 1)
   os.rmdir(root / "train" / "c4")
   os.rename(root / "test", root / "val")
   with pytest.raises(DataError, match="no test/ folder"):
-    experiment_data.prepare(c, 11, 0, 1)
+    prepare(c, 11, 0, 1)
 
 
 def test_error_type_is_the_projects_user_error():

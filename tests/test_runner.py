@@ -14,6 +14,7 @@ import pytest
 
 from experiments.configs import demo
 from slora_jax.runner import checkpoint as ckpt_lib
+from slora_jax.runner import config as config_lib
 from slora_jax.runner import results as results_lib
 from slora_jax.runner import train
 
@@ -45,6 +46,10 @@ def small_config(cache_dir, **overrides):
   return c
 
 
+def run_seed(c, seed, workdir):
+  return train.run_seed(config_lib.from_config(c), seed, workdir)
+
+
 @pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory):
   return tmp_path_factory.mktemp("cache")
@@ -53,7 +58,7 @@ def cache_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, cache_dir):
   workdir = tmp_path_factory.mktemp("full")
-  payload = train.run_seed(small_config(cache_dir), 1993, str(workdir))
+  payload = run_seed(small_config(cache_dir), 1993, str(workdir))
   return workdir, payload
 
 
@@ -82,11 +87,11 @@ def test_resume_after_stops_reaches_identical_numbers(uninterrupted, tmp_path,
   # then finish: each restart resumes from the last checkpoint.
   for stop in (5, 6):
     with pytest.raises(SystemExit, match="stopped"):
-      train.run_seed(small_config(cache_dir, stop_after_steps=stop), 1993,
+      run_seed(small_config(cache_dir, stop_after_steps=stop), 1993,
                      str(tmp_path))
   meta = ckpt_lib.Checkpointer(str(tmp_path)).read_meta()
   assert meta["cursor"]["begun"] and 0 < meta["cursor"]["task"] < 5
-  resumed = train.run_seed(small_config(cache_dir), 1993, str(tmp_path))
+  resumed = run_seed(small_config(cache_dir), 1993, str(tmp_path))
   assert resumed["acc_matrix"] == full["acc_matrix"]
   assert resumed["curves"] == full["curves"]
 
@@ -94,14 +99,14 @@ def test_resume_after_stops_reaches_identical_numbers(uninterrupted, tmp_path,
 def test_different_config_in_workdir_is_refused(uninterrupted, cache_dir):
   workdir, _ = uninterrupted
   with pytest.raises(ckpt_lib.ConfigMismatchError, match="method"):
-    train.run_seed(small_config(cache_dir, method="sdlora_kd"), 1993, str(workdir))
+    run_seed(small_config(cache_dir, method="sdlora_kd"), 1993, str(workdir))
 
 
 @pytest.mark.parametrize("method", ["sdlora_rr", "sdlora_kd", "seq_lora", "joint"])
 def test_methods_run_end_to_end(method, tmp_path, cache_dir):
   c = small_config(cache_dir, method=method)
   c.adapter.rank_schedule = ((0, 4), (2, 3), (4, 2))
-  res = train.run_seed(c, 1994, str(tmp_path))
+  res = run_seed(c, 1994, str(tmp_path))
   n = 1 if method == "joint" else 5
   assert res["summary"]["num_tasks"] == n
   if method == "joint":

@@ -56,6 +56,7 @@ def base() -> ml_collections.ConfigDict:
   c.data.root = ""               # image folders / IDX files
   c.data.data_dir = ""           # TFDS data_dir
   c.data.tfds_split_mode = "reference"
+  c.data.tfds_split_seed = 0     # test_80_20 only: the split's seed
   c.data.image_size = 224
   c.data.resize_size = 256       # test: bicubic resize, then center crop
   c.data.crop_scale = (0.05, 1.0)  # train: RandomResizedCrop's area range

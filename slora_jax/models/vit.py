@@ -38,7 +38,8 @@ import jax.numpy as jnp
 
 __all__ = [
     "ViTConfig", "VisionTransformer", "vit_b16", "vit_s16", "vit_ti16",
-    "init_params", "abstract_params", "count_params",
+    "init_params", "abstract_params", "count_params", "PRESETS", "DTYPES",
+    "preset", "dtype_from_name",
 ]
 
 
@@ -116,6 +117,27 @@ def vit_ti16(**overrides) -> ViTConfig:
   """ViT-Ti/16: width 192, 3 heads, MLP 768."""
   return ViTConfig(**{"width": 192, "num_heads": 3, "mlp_dim": 768,
                       **overrides})
+
+
+# The one registry of named sizes and compute dtypes: the runner's config,
+# the benchmark and the reference importer all resolve names here.
+PRESETS = {"vit_b16": vit_b16, "vit_s16": vit_s16, "vit_ti16": vit_ti16}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def dtype_from_name(name: str):
+  """The jnp dtype called ``name`` in `DTYPES`; ValueError names the choices."""
+  if name not in DTYPES:
+    raise ValueError(f"unknown dtype {name!r}; choose one of {sorted(DTYPES)}")
+  return DTYPES[name]
+
+
+def preset(name: str, **overrides) -> ViTConfig:
+  """The `ViTConfig` of preset ``name`` (a key of `PRESETS`), fields overridden."""
+  if name not in PRESETS:
+    raise ValueError(f"unknown ViT preset {name!r}; choose one of "
+                     f"{sorted(PRESETS)}")
+  return PRESETS[name](**overrides)
 
 
 # Initialisers only matter for training from scratch: pretrained weights

@@ -18,6 +18,7 @@ Three ways to get its weights (``config.model.init``):
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -29,41 +30,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from slora_jax.runner import config as config_lib
 from slora_jax.runner import results as results_lib
 from slora_jax.models import convert
 from slora_jax.models import vit as vit_lib
 
-__all__ = ["model_config", "build", "synthetic_pretrain", "default_cache_dir"]
-
-_PRESETS = {"vit_b16": vit_lib.vit_b16, "vit_s16": vit_lib.vit_s16,
-            "vit_ti16": vit_lib.vit_ti16}
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
-
-def model_config(m) -> vit_lib.ViTConfig:
-  """The `ViTConfig` described by ``config.model``.
-
-  ``m.name`` picks a preset (``vit_b16``, ``vit_s16``, ``vit_ti16``) or
-  ``custom``; any of ``image_size, patch_size, width, depth, num_heads,
-  mlp_dim, qkv`` set to a non-zero value overrides the preset.
-  """
-  fields = {}
-  for key in ("image_size", "patch_size", "width", "depth", "num_heads",
-              "mlp_dim"):
-    if m.get(key):
-      fields[key] = int(m[key])
-  if m.get("qkv"):
-    fields["qkv"] = m.qkv
-  dtype = m.get("dtype", "float32")
-  if dtype not in _DTYPES:
-    raise ValueError(f"model.dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
-  fields["dtype"] = _DTYPES[dtype]
-  if m.name == "custom":
-    return vit_lib.ViTConfig(**fields)
-  if m.name not in _PRESETS:
-    raise ValueError(f"unknown model.name {m.name!r}; choose one of "
-                     f"{sorted(_PRESETS) + ['custom']}")
-  return _PRESETS[m.name](**fields)
+__all__ = ["build", "synthetic_pretrain", "default_cache_dir"]
 
 
 def default_cache_dir() -> str:
@@ -71,40 +43,38 @@ def default_cache_dir() -> str:
                         os.path.join(os.path.expanduser("~"), ".cache", "slora_jax"))
 
 
-def build(config):
-  """Returns ``(vit_config, model, params, info)`` for ``config.model``.
+def build(m: config_lib.ModelSettings, data: config_lib.DataSettings):
+  """Returns ``(vit_config, model, params, info)`` for the model settings.
 
   ``params`` are float32 host arrays; ``info`` (name, checkpoint path, sha256)
-  goes into results.json so a number can be traced to its weights.
+  goes into results.json so a number can be traced to its weights. ``data``
+  is read only by the 'rotation' pre-training (its unlabeled images).
   """
-  m = config.model
-  cfg = model_config(m)
+  cfg = m.vit_config()
   model = vit_lib.VisionTransformer(cfg)
-  init = m.get("init", "pretrained")
-  if init == "pretrained":
-    path = m.get("checkpoint", "")
-    if not path:
+  if m.init == "pretrained":
+    if not m.checkpoint:
       raise FileNotFoundError(
           f"config.model.checkpoint is empty: download the weights "
-          f"{m.get('weights', '')!r} yourself (e.g. timm's model.safetensors) "
+          f"{m.weights!r} yourself (e.g. timm's model.safetensors) "
           f"and pass --config.model.checkpoint=/path/to/file")
     t0 = time.perf_counter()
-    params = convert.load_pretrained(path, cfg)
-    logging.info("loaded %s in %.1f s", path, time.perf_counter() - t0)
-    info = {"name": m.get("weights", ""), "checkpoint_path": os.path.abspath(path),
-            "sha256": results_lib.sha256_file(path), "init": init}
-  elif init == "random":
-    params = jax.device_get(vit_lib.init_params(cfg, jax.random.key(m.get("seed", 0))))
+    params = convert.load_pretrained(m.checkpoint, cfg)
+    logging.info("loaded %s in %.1f s", m.checkpoint, time.perf_counter() - t0)
+    info = {"name": m.weights, "checkpoint_path": os.path.abspath(m.checkpoint),
+            "sha256": results_lib.sha256_file(m.checkpoint), "init": m.init}
+  elif m.init == "random":
+    params = jax.device_get(vit_lib.init_params(cfg, jax.random.key(m.seed)))
     info = {"name": f"random {m.name}", "checkpoint_path": None, "sha256": None,
-            "init": init}
-  elif init == "synthetic_pretrain":
-    path = synthetic_pretrain(cfg, m.pretrain, data=config.data)
+            "init": m.init}
+  elif m.init == "synthetic_pretrain":
+    path = synthetic_pretrain(cfg, m.pretrain, data=data)
     params = convert.load_timm_safetensors(path, cfg)
     info = {"name": f"{m.name} pre-trained on generated images",
             "checkpoint_path": path, "sha256": results_lib.sha256_file(path),
-            "init": init, "pretrain": m.pretrain.to_dict()}
+            "init": m.init, "pretrain": dataclasses.asdict(m.pretrain)}
   else:
-    raise ValueError(f"unknown model.init {init!r}; choose 'pretrained', "
+    raise ValueError(f"unknown model.init {m.init!r}; choose 'pretrained', "
                      "'random' or 'synthetic_pretrain'")
   return cfg, model, params, info
 
@@ -114,7 +84,7 @@ _PRETRAIN_TASKS = ("rotation", "patterns")
 
 def _cache_key(cfg: vit_lib.ViTConfig, p, data_desc: str) -> str:
   desc = json.dumps({"vit": {k: str(v) for k, v in vars(cfg).items()},
-                     "pretrain": p.to_dict(), "data": data_desc, "version": 2},
+                     "pretrain": dataclasses.asdict(p), "data": data_desc, "version": 2},
                     sort_keys=True)
   return hashlib.sha256(desc.encode()).hexdigest()[:16]
 
@@ -154,16 +124,16 @@ def synthetic_pretrain(cfg: vit_lib.ViTConfig, p, cache_dir: str | None = None,
   data and written atomically, so concurrent or interrupted runs never read a
   partial file.
   """
-  task = p.get("task", "patterns")
+  task = p.task
   if task not in _PRETRAIN_TASKS:
     raise ValueError(f"unknown model.pretrain.task {task!r}; choose one of "
                      f"{_PRETRAIN_TASKS}")
   if task == "rotation" and data is None:
     raise ValueError("model.pretrain.task='rotation' needs the run's data config")
   data_desc = "" if task == "patterns" else json.dumps(
-      {k: str(data.get(k, "")) for k in ("source", "name", "root", "data_dir")},
+      {k: str(getattr(data, k)) for k in ("source", "name", "root", "data_dir")},
       sort_keys=True)
-  cache_dir = cache_dir or p.get("cache_dir") or default_cache_dir()
+  cache_dir = cache_dir or p.cache_dir or default_cache_dir()
   path = os.path.join(cache_dir,
                       f"synthetic_vit_{_cache_key(cfg, p, data_desc)}.safetensors")
   if os.path.exists(path):

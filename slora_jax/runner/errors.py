@@ -1,6 +1,7 @@
 """The errors a user can cause and fix; entry points print them as one line."""
 
 from slora_jax.runner.checkpoint import ConfigMismatchError
+from slora_jax.runner.config import ConfigError
 from slora_jax.runner.checkpoint import WorkdirError
 from slora_jax.runner.data.sources import DataError
 from slora_jax.models.convert import CheckpointMismatchError
@@ -10,8 +11,8 @@ class NonFiniteLossError(FloatingPointError):
   """The training loss (or the trained parameters) became NaN or infinite."""
 
 
-USER_ERRORS = (DataError, ConfigMismatchError, CheckpointMismatchError,
+USER_ERRORS = (ConfigError, DataError, ConfigMismatchError, CheckpointMismatchError,
                NonFiniteLossError, WorkdirError, FileNotFoundError)
 
-__all__ = ["ConfigMismatchError", "DataError", "CheckpointMismatchError",
+__all__ = ["ConfigError", "ConfigMismatchError", "DataError", "CheckpointMismatchError",
            "NonFiniteLossError", "WorkdirError", "USER_ERRORS"]

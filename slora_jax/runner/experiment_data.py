@@ -1,26 +1,12 @@
-"""What the task loop needs of the data, built from ``config.data``/``train``.
+"""What the task loop needs of the data, from the data and train settings.
 
-`prepare` opens the source, checks it against the config (a one-line
+`prepare` opens the source, checks it against the settings (a one-line
 `DataError` before anything compiles), fixes the class order and the task
-split as the reference does (SD-LoRA-SPEC.md §6.3-6.4) and hands out per-phase
-batch iterators of this process's rows.
+split as the reference does (docs/semantics.md, class order and task sizes)
+and hands out per-phase batch iterators of this process's rows.
 
-Config fields read (defaults in brackets):
-
-* ``method``: 'joint' trains one phase on all classes; the other methods
-  ('sdlora', 'sdlora_rr', 'sdlora_kd', 'seq_lora') one phase per task.
-* ``data``: ``source`` (idx | folder | tfds | synthetic), ``name`` [''],
-  ``root`` [''], ``data_dir`` [''], ``tfds_split_mode`` ['reference'],
-  ``tfds_split_seed`` [0], ``synthetic`` (num_classes, train_per_class,
-  test_per_class, seed), ``image_size`` [224], ``resize_size``
-  [image_size * 8/7, i.e. 256 for 224], ``normalize`` ['none'],
-  ``num_classes`` [0 = every class of the source], ``init_cls``,
-  ``increment`` [init_cls], ``num_tasks`` [0 = no check], ``shuffle_classes``
-  [True], ``max_train_per_class`` / ``max_test_per_class`` [0 = all; else the
-  first k samples of each class, in the source's order], ``num_workers`` [4],
-  ``prefetch`` [2].
-* ``train``: ``batch_size``, ``eval_batch_size`` [batch_size], ``epochs``,
-  ``max_steps_per_task`` [0 = no cap].
+It reads the `DataSettings` and `TrainSettings` sections of the validated
+config (`slora_jax.runner.config`); their defaults live in the config files.
 """
 
 from __future__ import annotations
@@ -33,14 +19,13 @@ from typing import Iterator
 import jax
 import numpy as np
 
+from slora_jax.runner import config as config_lib
 from slora_jax.runner.data import loader
 from slora_jax.runner.data import sources
 from slora_jax.runner.data import tasks
 from slora_jax.runner.data import transforms
 
-__all__ = ["ExperimentData", "prepare", "METHODS"]
-
-METHODS = ("sdlora", "sdlora_rr", "sdlora_kd", "seq_lora", "joint")
+__all__ = ["ExperimentData", "prepare"]
 
 
 def _first_per_class(labels: np.ndarray, num_classes: int, k: int) -> np.ndarray:
@@ -57,10 +42,6 @@ def _first_per_class(labels: np.ndarray, num_classes: int, k: int) -> np.ndarray
   return idx[rank < k]
 
 
-def _default_resize(image_size: int) -> int:
-  return int(round(image_size * 256 / 224))
-
-
 @dataclasses.dataclass
 class ExperimentData:
   """Class order, task split and batch iterators of one seed's run.
@@ -68,7 +49,8 @@ class ExperimentData:
   Labels handed out are positions in ``class_order`` (the reference's
   remapping), so task ``t`` holds labels ``[lo, hi)`` of ``task_ranges[t]``.
   """
-  config: object
+  data: config_lib.DataSettings
+  train: config_lib.TrainSettings
   seed: int
   source: sources.Source
   split_train: sources.Split
@@ -117,34 +99,27 @@ class ExperimentData:
     ``total = epochs * steps_per_epoch``, capped by ``max_steps_per_task``
     when that is > 0.
     """
-    tr = self.config.train
+    tr = self.train
     spe = loader.steps_per_epoch(len(self.train_indices(t)), tr.batch_size)
     total = spe * tr.epochs
-    cap = tr.get("max_steps_per_task", 0)
-    if cap and cap > 0:
-      total = min(total, cap)
+    if tr.max_steps_per_task > 0:
+      total = min(total, tr.max_steps_per_task)
     return spe, total
-
-  def _data(self, key, default=None):
-    return self.config.data.get(key, default)
 
   def _loader_args(self) -> dict:
     return dict(process_index=self.process_index,
                 process_count=self.process_count,
-                num_workers=self._data("num_workers", 4),
-                prefetch=self._data("prefetch", 2))
+                num_workers=self.data.num_workers, prefetch=self.data.prefetch)
 
   @contextlib.contextmanager
   def train_batches(self, t: int,
                     start_step: int = 0) -> Iterator[loader.BatchIterator]:
     """Local batches of phase ``t`` for steps ``start_step .. total - 1``."""
-    size = self._data("image_size", 224)
+    d = self.data
     it = loader.train_batches(
         self.split_train, self.train_indices(t), self.train_labels,
-        self.config.train.batch_size,
-        transforms.TrainTransform(
-            size, self._data("normalize", "none"),
-            scale=tuple(self._data("crop_scale", (0.05, 1.0)))),
+        self.train.batch_size,
+        transforms.TrainTransform(d.image_size, d.normalize, scale=d.crop_scale),
         seed=self.seed, task=t, start_step=start_step,
         num_steps=self.steps(t)[1], **self._loader_args())
     with it:
@@ -161,29 +136,24 @@ class ExperimentData:
 
   def eval_batches(self, hi: int) -> loader.BatchIterator:
     """Local batches over the test samples with label < ``hi``, padded."""
-    size = self._data("image_size", 224)
-    resize = self._data("resize_size", 0) or _default_resize(size)
-    tr = self.config.train
+    d = self.data
     return loader.eval_batches(
         self.split_test, self.test_indices(hi), self.test_labels,
-        tr.get("eval_batch_size", 0) or tr.batch_size,
-        transforms.EvalTransform(size, resize, self._data("normalize", "none")),
+        self.train.eval_batch_size or self.train.batch_size,
+        transforms.EvalTransform(d.image_size, d.test_resize, d.normalize),
         **self._loader_args())
 
 
-def _check_config(config) -> None:
-  d, tr = config.data, config.train
-  if config.get("method", "sdlora") not in METHODS:
-    raise ValueError(f"unknown method {config.method!r}; choose from {METHODS}")
+def _check_settings(d: config_lib.DataSettings,
+                    tr: config_lib.TrainSettings) -> None:
   for key in ("source", "init_cls"):
-    if d.get(key, None) in (None, ""):
+    if getattr(d, key) in (None, "", 0):
       raise sources.DataError(f"data.{key} is not set; set --config.data.{key}")
-  if d.get("normalize", "none") not in transforms.NORMALIZATIONS:
+  if d.normalize not in transforms.NORMALIZATIONS:
     raise sources.DataError(
         f"unknown data.normalize {d.normalize!r}; use one of "
         f"{', '.join(transforms.NORMALIZATIONS)}")
-  size = d.get("image_size", 224)
-  resize = d.get("resize_size", 0) or _default_resize(size)
+  size, resize = d.image_size, d.test_resize
   if size <= 0 or resize < size:
     raise sources.DataError(f"data.resize_size ({resize}) must be >= "
                             f"data.image_size ({size}) > 0")
@@ -192,85 +162,90 @@ def _check_config(config) -> None:
                             f"train.epochs ({tr.epochs}) must be positive")
 
 
-def prepare(config, seed: int, process_index: int | None = None,
+def _task_sizes(source, d: config_lib.DataSettings) -> list[int]:
+  """Classes per task; a one-line DataError when the data cannot give them."""
+  n = d.num_classes or source.num_classes
+  increment = d.increment or d.init_cls
+  need = d.init_cls + increment * (d.num_tasks - 1)
+  if d.num_tasks and n < need:
+    raise sources.DataError(
+        f"{source.description} has fewer classes ({n}) than init_cls + "
+        f"increment*(N-1) = {d.init_cls} + {increment}*({d.num_tasks}-1) = "
+        f"{need} for N={d.num_tasks} tasks; use fewer tasks or classes per "
+        "task, or a data set with more classes")
+  sources.validate(source, n)
+  try:
+    sizes = tasks.task_sizes(n, d.init_cls, increment)
+  except ValueError as e:
+    raise sources.DataError(f"{e}; fix --config.data.init_cls/increment/"
+                            "num_classes") from None
+  if d.num_tasks and len(sizes) != d.num_tasks:
+    raise sources.DataError(
+        f"{n} classes with init_cls={d.init_cls}, increment={increment} give "
+        f"{len(sizes)} tasks, not data.num_tasks={d.num_tasks}; set "
+        f"--config.data.num_classes={need} or change num_tasks")
+  return sizes
+
+
+def _check_nonempty(source, order, name: str, labels: np.ndarray) -> None:
+  counts = np.bincount(labels[labels >= 0], minlength=len(order))
+  empty = np.flatnonzero(counts == 0)
+  if len(empty):
+    cls = source.class_names[int(order[empty[0]])]
+    raise sources.DataError(
+        f"class {cls!r} of {source.description} has no {name} samples "
+        f"({len(empty)} classes are empty); every class needs training and "
+        "test images")
+
+
+def prepare(data: config_lib.DataSettings, train: config_lib.TrainSettings,
+            seed: int, *, single_phase: bool = False,
+            process_index: int | None = None,
             process_count: int | None = None) -> ExperimentData:
-  """Opens and validates the data for ``config`` and ``seed``.
+  """Opens and validates the data of a run.
 
   Args:
-    config: the experiment ConfigDict (see the module docstring).
+    data, train: the config's sections.
     seed: the run's seed; it fixes the class order (as the reference's
       ``np.random.seed(seed)``), the sample order and the augmentation.
+    single_phase: one training phase over all classes (the joint method)
+      instead of one per task.
     process_index, process_count: which rows of each global batch this
       process decodes (default: JAX's).
-
-  Returns:
-    The run's `ExperimentData`.
 
   Raises:
     DataError: one line naming a data or config problem and its fix.
   """
-  _check_config(config)
-  d = config.data
+  _check_settings(data, train)
   if process_index is None:
     process_index = jax.process_index()
   if process_count is None:
     process_count = jax.process_count()
-  tr = config.train
-  for bs in (tr.batch_size, tr.get("eval_batch_size", 0) or tr.batch_size):
+  for bs in (train.batch_size, train.eval_batch_size or train.batch_size):
     loader.local_rows(bs, process_index, process_count)
 
-  source = sources.make_source(d)
-  n_source = source.num_classes
-  n = d.get("num_classes", 0) or n_source
-  init_cls = d.init_cls
-  increment = d.get("increment", 0) or init_cls
-  want_tasks = d.get("num_tasks", 0)
-  if want_tasks:
-    need = init_cls + increment * (want_tasks - 1)
-    if n < need:
-      raise sources.DataError(
-          f"{source.description} has fewer classes ({n}) than init_cls + "
-          f"increment*(N-1) = {init_cls} + {increment}*({want_tasks}-1) = "
-          f"{need} for N={want_tasks} tasks; use fewer tasks or classes per "
-          "task, or a data set with more classes")
-  sources.validate(source, n)
-  try:
-    sizes = tasks.task_sizes(n, init_cls, increment)
-  except ValueError as e:
-    raise sources.DataError(f"{e}; fix --config.data.init_cls/increment/"
-                            "num_classes") from None
-  if want_tasks and len(sizes) != want_tasks:
-    raise sources.DataError(
-        f"{n} classes with init_cls={init_cls}, increment={increment} give "
-        f"{len(sizes)} tasks, not data.num_tasks={want_tasks}; set "
-        f"--config.data.num_classes={need} or change num_tasks")
-
+  source = sources.make_source(data)
+  sizes = _task_sizes(source, data)
+  n = int(sum(sizes))
   # The reference permutes all classes of the data set; with num_classes
   # below that, the first n classes of the permutation are used.
-  order = tasks.class_order(n_source, seed, d.get("shuffle_classes", True))[:n]
-  train, test = source.split("train"), source.split("test")
-  train_labels = tasks.remap_labels(train.labels, order)
-  test_labels = tasks.remap_labels(test.labels, order)
-  for name, labels in (("train", train_labels), ("test", test_labels)):
-    counts = np.bincount(labels[labels >= 0], minlength=n)
-    empty = np.flatnonzero(counts == 0)
-    if len(empty):
-      cls = source.class_names[int(order[empty[0]])]
-      raise sources.DataError(
-          f"class {cls!r} of {source.description} has no {name} samples "
-          f"({len(empty)} classes are empty); every class needs training and "
-          "test images")
-  train_index = _first_per_class(train_labels, n, d.get("max_train_per_class", 0))
-  test_index = _first_per_class(test_labels, n, d.get("max_test_per_class", 0))
-  ranges = tasks.task_ranges(sizes)
-  train_tasks = [(0, n)] if config.get("method", "sdlora") == "joint" else ranges
+  order = tasks.class_order(source.num_classes, seed, data.shuffle_classes)[:n]
+  split_train, split_test = source.split("train"), source.split("test")
+  train_labels = tasks.remap_labels(split_train.labels, order)
+  test_labels = tasks.remap_labels(split_test.labels, order)
+  _check_nonempty(source, order, "train", train_labels)
+  _check_nonempty(source, order, "test", test_labels)
+  train_index = _first_per_class(train_labels, n, data.max_train_per_class)
+  test_index = _first_per_class(test_labels, n, data.max_test_per_class)
+  train_tasks = [(0, n)] if single_phase else tasks.task_ranges(sizes)
   logging.info("data: %s, %d classes in %d tasks %s, %d train / %d test "
                "samples, first classes of the order %s", source.description,
                n, len(sizes), sizes, len(train_index), len(test_index),
                [int(c) for c in order[:8]])
   return ExperimentData(
-      config=config, seed=seed, source=source, split_train=train,
-      split_test=test, class_order=[int(c) for c in order], task_sizes=sizes,
+      data=data, train=train, seed=seed, source=source,
+      split_train=split_train, split_test=split_test,
+      class_order=[int(c) for c in order], task_sizes=sizes,
       train_tasks=train_tasks, train_labels=train_labels,
       test_labels=test_labels, train_index=train_index, test_index=test_index,
       process_index=int(process_index), process_count=int(process_count))

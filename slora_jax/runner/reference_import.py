@@ -29,15 +29,12 @@ tensor globals torch allows by default, and nothing else.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
-import os
 import pathlib
 import pickle
 import pickletools
 import re
-import shutil
 import warnings
 import zipfile
 from typing import Sequence
@@ -48,7 +45,7 @@ import numpy as np
 
 from slora_jax import adapters as adapters_lib
 from slora_jax import policy as policy_lib
-from slora_jax.runner import results as results_lib
+from slora_jax import serialization
 from slora_jax import targets as targets_lib
 from slora_jax.models import vit as vit_lib
 
@@ -59,8 +56,8 @@ __all__ = [
 ]
 
 FORMAT = "slora_jax.reference_import/1"
-_META = "reference_import.json"
-_STATE = "state"
+# What a complete or partial import leaves in its directory.
+_SAVED = ("adapters.json", "arrays")
 _A = re.compile(r"lora_w_a_(\d+)\.pt")
 
 
@@ -418,7 +415,7 @@ def _config_dict(config: vit_lib.ViTConfig) -> dict:
 def check_out_dir(out_dir, overwrite: bool = False) -> pathlib.Path:
   """The absolute ``out_dir``; raises if it holds an import and not ``overwrite``."""
   out = pathlib.Path(out_dir).absolute()
-  if not overwrite and ((out / _STATE).exists() or (out / _META).exists()):
+  if not overwrite and any((out / n).exists() for n in _SAVED):
     raise ReferenceImportError(
         f"{out} already holds an import; pass --overwrite or another --out")
   return out
@@ -427,40 +424,25 @@ def check_out_dir(out_dir, overwrite: bool = False) -> pathlib.Path:
 def save_imported(out_dir, adapters: adapters_lib.AdapterState, head: dict,
                   config: vit_lib.ViTConfig, info: dict | None = None,
                   overwrite: bool = False) -> str:
-  """Writes ``out_dir/state`` (Orbax) and ``out_dir/reference_import.json``.
+  """Saves the import with `slora_jax.save_adapters`, the head as its extra.
 
   Args:
     out_dir: output directory; must not hold a previous import unless
       ``overwrite``.
     adapters, head: from `build_state`.
-    config: the ViT they are for (stored so `load_imported` can rebuild them).
+    config: the ViT they are for (kept in the metadata, ``model``).
     info: extra JSON-able provenance (source directory, magnitudes, ...).
     overwrite: replace an existing import in ``out_dir``.
 
   Returns:
     The absolute output directory.
   """
-  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
-
   out = check_out_dir(out_dir, overwrite)
-  state_dir = out / _STATE
-  shutil.rmtree(state_dir, ignore_errors=True)
-  out.mkdir(parents=True, exist_ok=True)
-  tree = {"trainable": adapters.trainable, "frozen": adapters.frozen,
-          "head": head}
-  with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(state_dir, tree)
-    ckptr.wait_until_finished()
   meta = {"format": FORMAT, "model": _config_dict(config),
-          "capacity": adapters.spec.capacity,
-          "max_rank": adapters.spec.max_rank, "rank": adapters.rank,
-          "num_stored": int(adapters.frozen["num_stored"]),
           "num_classes": int(head["bias"].shape[0]),
-          "policy": dataclasses.asdict(adapters.spec.policy),
-          **(info or {})}
-  # Written last: its presence marks a complete import.
-  results_lib.write_json(out / _META, meta)
-  return os.fspath(out)
+          "policy": dataclasses.asdict(adapters.spec.policy), **(info or {})}
+  return serialization.save_adapters(out, adapters, extra={"head": head},
+                                     metadata=meta, overwrite=True)
 
 
 def load_imported(out_dir) -> tuple[adapters_lib.AdapterState, dict, dict]:
@@ -469,34 +451,14 @@ def load_imported(out_dir) -> tuple[adapters_lib.AdapterState, dict, dict]:
   ``meta['model']`` holds the `ViTConfig` fields; ``vit_lib.ViTConfig(**...)``
   of them (without ``dtype``) rebuilds the config the adapters fit.
   """
-  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
-
   out = pathlib.Path(out_dir).absolute()
   try:
-    meta = json.loads((out / _META).read_text(encoding="utf-8"))
+    saved = serialization.read_adapters(out)
   except FileNotFoundError as e:
-    raise ReferenceImportError(f"{out} holds no complete import ({_META} is "
-                               f"missing)") from e
-  if meta.get("format") != FORMAT:
-    raise ReferenceImportError(f"{out / _META} is not a {FORMAT} file")
-  fields = {k: v for k, v in meta["model"].items() if k != "dtype"}
-  config = vit_lib.ViTConfig(**fields)
-  template = adapters_lib.init_adapters(
-      vit_lib.abstract_params(config), targets_lib.vit_qv_rules(config.qkv),
-      capacity=meta["capacity"], max_rank=meta["max_rank"],
-      policy=policy_lib.Policy(**meta["policy"]))
-  template = adapters_lib.begin_task(template, jax.random.key(0), meta["rank"])
-  head = {"kernel": jax.ShapeDtypeStruct((config.width, meta["num_classes"]),
-                                         jnp.float32),
-          "bias": jax.ShapeDtypeStruct((meta["num_classes"],), jnp.float32)}
-  abstract = jax.tree.map(
-      ocp.utils.to_shape_dtype_struct,
-      {"trainable": template.trainable, "frozen": template.frozen,
-       "head": head})
-  with ocp.StandardCheckpointer() as ckptr:
-    tree = ckptr.restore(out / _STATE, abstract)
-  adapters = template.replace(trainable=tree["trainable"], frozen=tree["frozen"])
-  return adapters, tree["head"], meta
+    raise ReferenceImportError(f"{out} holds no complete import ({e})") from e
+  if saved.metadata.get("format") != FORMAT:
+    raise ReferenceImportError(f"{out} is not a {FORMAT} import")
+  return saved.adapters, saved.extra["head"], saved.metadata
 
 
 def magnitudes_from_string(text: str) -> list[float]:

@@ -23,13 +23,14 @@ import pathlib
 import re
 from typing import Optional
 
-__all__ = ["DATA_PATH", "LOG_MATRICES_PATH", "METHODS", "load", "benchmarks",
+__all__ = ["DATA_PATH", "LOG_MATRICES_PATH", "PUBLISHED_METHODS", "load", "benchmarks",
            "normalize_method", "references", "official_log_matrices"]
 
 _DATA_DIR = pathlib.Path(__file__).with_name("reference_data")
 DATA_PATH = _DATA_DIR / "reference_numbers.json"
 LOG_MATRICES_PATH = _DATA_DIR / "official_log_accuracy_matrices.json"
-METHODS = ("sdlora", "sdlora_rr", "sdlora_kd")
+# The methods with published numbers (the runner's registry is methods.METHODS).
+PUBLISHED_METHODS = ("sdlora", "sdlora_rr", "sdlora_kd")
 
 
 @functools.lru_cache(maxsize=1)
@@ -49,14 +50,14 @@ def benchmarks() -> dict:
 
 
 def normalize_method(name) -> Optional[str]:
-  """Maps spellings like 'SD-LoRA-RR', 'sd_lora_rr', 'sdlora-rr' to a METHODS key.
+  """Maps spellings like 'SD-LoRA-RR', 'sd_lora_rr', 'sdlora-rr' to a PUBLISHED_METHODS key.
 
   Returns None for names that are not one of the published variants.
   """
   if not isinstance(name, str):
     return None
   squashed = re.sub(r"[\s_\-]", "", name.lower())
-  for m in METHODS:
+  for m in PUBLISHED_METHODS:
     if squashed == m.replace("_", ""):
       return m
   return None

@@ -579,30 +579,28 @@ class SyntheticSource(Source):
 
 
 def make_source(data) -> Source:
-  """The source ``config.data`` describes.
+  """The source that the data settings (`config.DataSettings`) describe.
 
   ``data.source``: 'idx' (``root``), 'folder' (``root``), 'tfds' (``name``,
   ``data_dir``, ``tfds_split_mode``, ``tfds_split_seed``) or 'synthetic'
   (``synthetic.{num_classes, train_per_class, test_per_class, seed}``,
   ``image_size``).
   """
-  kind = data.get("source", "")
-  if kind in ("idx", "folder") and not data.get("root", ""):
+  kind = data.source
+  if kind in ("idx", "folder") and not data.root:
     raise DataError(f"data.root is empty; set --config.data.root to the "
                     f"{'IDX files' if kind == 'idx' else 'image folders'}")
   if kind == "idx":
-    names = (FASHION_MNIST_CLASSES if data.get("name", "") == "fashion_mnist"
-             else None)
+    names = FASHION_MNIST_CLASSES if data.name == "fashion_mnist" else None
     return IdxSource(data.root, names)
   if kind == "folder":
     return ImageFolderSource(data.root)
   if kind == "tfds":
-    return TfdsSource(data.get("name", ""), data.get("data_dir", "") or None,
-                      data.get("tfds_split_mode", "reference"),
-                      data.get("tfds_split_seed", 0))
+    return TfdsSource(data.name, data.data_dir or None, data.tfds_split_mode,
+                      data.tfds_split_seed)
   if kind == "synthetic":
     s = data.synthetic
     return SyntheticSource(s.num_classes, s.train_per_class, s.test_per_class,
-                           data.image_size, s.get("seed", 0))
+                           data.image_size, s.seed)
   raise DataError(f"unknown data.source {kind!r}; use idx, folder, tfds or "
                   "synthetic")

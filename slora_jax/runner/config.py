@@ -1,0 +1,269 @@
+"""The one boundary between an ``ml_collections`` config and the runner.
+
+`from_config` reads and validates the whole ``ConfigDict`` once, into small
+frozen dataclasses; every function below the entry point takes the section it
+needs (`ModelSettings`, `DataSettings`, ...), never the config itself. The
+defaults live in one place, ``experiments/configs/base.py``: here every field
+is required, and a key that the config has but no dataclass knows (or the
+reverse) is an error, so the two cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+
+from slora_jax import policy as policy_lib
+from slora_jax.models import vit as vit_lib
+from slora_jax.runner import methods as methods_lib
+
+__all__ = ["ConfigError", "PretrainSettings", "ModelSettings", "SyntheticSettings",
+           "DataSettings", "AdapterSettings", "TrainSettings",
+           "CheckpointSettings", "Experiment", "from_config", "section_json"]
+
+
+class ConfigError(ValueError):
+  """A config value the runner cannot use (one line, names the field)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PretrainSettings:
+  """The demo backbone's label-free pre-training (`backbone.synthetic_pretrain`)."""
+  task: str                   # 'rotation' | 'patterns'
+  num_classes: int
+  train_per_class: int
+  steps: int
+  batch_size: int
+  lr: float
+  seed: int
+  cache_dir: str              # '': $SLORA_JAX_CACHE or ~/.cache/slora_jax
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSettings:
+  """The backbone: a preset or custom ViT and where its weights come from."""
+  name: str                   # a key of vit.PRESETS, or 'custom'
+  weights: str                # human-readable name of the weights
+  init: str                   # 'pretrained' | 'random' | 'synthetic_pretrain'
+  checkpoint: str             # local timm .safetensors or AugReg .npz
+  image_size: int
+  patch_size: int             # 0: the preset's (likewise the next four)
+  width: int
+  depth: int
+  num_heads: int
+  mlp_dim: int
+  qkv: str
+  dtype: str                  # a key of vit.DTYPES
+  seed: int
+  pretrain: PretrainSettings
+
+  def vit_config(self) -> vit_lib.ViTConfig:
+    """The `ViTConfig`: the preset with every non-zero field overriding it."""
+    fields = {k: getattr(self, k) for k in (
+        "image_size", "patch_size", "width", "depth", "num_heads", "mlp_dim")
+              if getattr(self, k)}
+    if self.qkv:
+      fields["qkv"] = self.qkv
+    fields["dtype"] = vit_lib.dtype_from_name(self.dtype)
+    if self.name == "custom":
+      return vit_lib.ViTConfig(**fields)
+    return vit_lib.preset(self.name, **fields)
+
+
+@dataclasses.dataclass(frozen=True)
+class SyntheticSettings:
+  """Generated images (`data.source='synthetic'`)."""
+  num_classes: int
+  train_per_class: int
+  test_per_class: int
+  seed: int
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSettings:
+  """Where the images come from, how they are split into tasks and read."""
+  source: str                 # 'idx' | 'folder' | 'tfds' | 'synthetic'
+  name: str
+  root: str
+  data_dir: str               # TFDS data_dir ('' : TFDS's default)
+  tfds_split_mode: str
+  tfds_split_seed: int
+  image_size: int
+  resize_size: int            # test resize before the center crop (0: 8/7·size)
+  crop_scale: tuple[float, float]
+  normalize: str
+  num_classes: int            # 0: every class of the source
+  init_cls: int
+  increment: int              # 0: init_cls
+  num_tasks: int              # >0: refuse data with fewer classes than needed
+  shuffle_classes: bool
+  max_train_per_class: int    # 0: all
+  max_test_per_class: int
+  num_workers: int
+  prefetch: int
+  synthetic: SyntheticSettings
+
+  @property
+  def test_resize(self) -> int:
+    return self.resize_size or int(round(self.image_size * 256 / 224))
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterSettings:
+  """Rank, capacity, targets and `Policy` overrides (None: the semantics')."""
+  rank: int
+  rank_schedule: tuple[tuple[int, int], ...]
+  capacity: int               # 0: one slot per task
+  targets: str                # 'qv' or comma-separated kernel path regexes
+  magnitude_init: float | None
+  current_norm_floor: float | None
+  kd_threshold: float | None
+  kd_residual: str | None
+  kd_offset: str | None
+
+  def policy_overrides(self) -> dict:
+    return {k: getattr(self, k) for k in (
+        "magnitude_init", "current_norm_floor", "kd_threshold", "kd_residual",
+        "kd_offset") if getattr(self, k) is not None}
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSettings:
+  """Batch sizes, epochs and the SGD schedule (task 0 has its own)."""
+  batch_size: int
+  eval_batch_size: int        # 0: batch_size
+  epochs: int
+  max_steps_per_task: int     # 0: no cap
+  init_lr: float
+  init_milestones: tuple[int, ...]
+  init_lr_decay: float
+  lr: float
+  milestones: tuple[int, ...]
+  lr_decay: float
+  momentum: float
+
+  def learning_rate(self, task: int, epoch: int) -> float:
+    """The rate at ``epoch`` of ``task``: a step decay at the milestones."""
+    base, milestones, gamma = (
+        (self.init_lr, self.init_milestones, self.init_lr_decay) if task == 0
+        else (self.lr, self.milestones, self.lr_decay))
+    return float(base * gamma ** sum(epoch >= m for m in milestones))
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointSettings:
+  keep: int
+  every_steps: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+  """A whole validated config. ``raw`` is the config as a plain dict (for
+  results.json); nothing reads settings from it."""
+  method: methods_lib.Method
+  semantics: str
+  seeds: tuple[int, ...]
+  benchmark: str
+  log_every_steps: int
+  distributed: bool
+  stop_after_steps: int       # >0: leave after that many steps (tests)
+  model: ModelSettings
+  data: DataSettings
+  adapter: AdapterSettings
+  train: TrainSettings
+  checkpoint: CheckpointSettings
+  raw: dict = dataclasses.field(compare=False, repr=False)
+
+  def policy(self) -> policy_lib.Policy:
+    """The semantics' `Policy` with the config's and the method's overrides."""
+    return policy_lib.get_policy(self.semantics, **{
+        **self.adapter.policy_overrides(), **self.method.policy_overrides()})
+
+  def rank(self, task: int) -> int:
+    """The rank of the direction trained at ``task``."""
+    if self.method.rank_reduction:
+      return policy_lib.rank_schedule(task, self.adapter.rank_schedule)
+    return self.adapter.rank
+
+
+def _convert(tp, value, where: str):
+  """``value`` as type ``tp`` (tuples from lists, ints from floats refused)."""
+  origin = typing.get_origin(tp)
+  if origin in (types.UnionType, typing.Union):      # X | None
+    if value is None:
+      return None
+    (inner,) = [a for a in typing.get_args(tp) if a is not type(None)]
+    return _convert(inner, value, where)
+  if origin is tuple:
+    args = typing.get_args(tp)
+    items = list(value)
+    if len(args) == 2 and args[1] is Ellipsis:
+      return tuple(_convert(args[0], v, where) for v in items)
+    if len(items) != len(args):
+      raise ConfigError(f"{where} must have {len(args)} values, got {value!r}")
+    return tuple(_convert(a, v, where) for a, v in zip(args, items))
+  if dataclasses.is_dataclass(tp):
+    return _build(tp, value, where)
+  if tp is bool:
+    if not isinstance(value, bool):
+      raise ConfigError(f"{where} must be True or False, got {value!r}")
+    return value
+  if tp is int and isinstance(value, float) and not value.is_integer():
+    raise ConfigError(f"{where} must be an integer, got {value!r}")
+  try:
+    return tp(value)
+  except (TypeError, ValueError):
+    raise ConfigError(f"{where} must be a {tp.__name__}, got {value!r}") from None
+
+
+def _build(cls, node, where: str):
+  hints = typing.get_type_hints(cls)
+  fields = [f.name for f in dataclasses.fields(cls) if f.name != "raw"]
+  keys = set(node.keys())
+  missing = [f for f in fields if f not in keys]
+  unknown = sorted(keys - set(fields))
+  prefix = f"{where}." if where else ""
+  if missing or unknown:
+    raise ConfigError(
+        f"config section {where or '(top)'} does not match the runner's "
+        f"settings: missing {[prefix + m for m in missing]}, unknown "
+        f"{[prefix + u for u in unknown]}; start configs from "
+        "experiments/configs/base.py")
+  return cls(**{f: _convert(hints[f], node[f], prefix + f) for f in fields})
+
+
+def from_config(config) -> Experiment:
+  """Validates ``config`` (a ConfigDict or dict) into an `Experiment`.
+
+  Raises:
+    ConfigError: one line naming the field that is wrong or missing.
+  """
+  raw = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+  d = dict(config.items())
+  try:
+    method = methods_lib.get_method(str(d.pop("method", "")))
+    policy_lib.get_policy(str(d.get("semantics", "")))
+  except ValueError as e:
+    raise ConfigError(f"{e} (--config.method / --config.semantics)") from None
+  hints = typing.get_type_hints(Experiment)
+  names = [f.name for f in dataclasses.fields(Experiment)
+           if f.name not in ("method", "raw")]
+  unknown = sorted(set(d) - set(names))
+  missing = [n for n in names if n not in d]
+  if unknown or missing:
+    raise ConfigError(f"config does not match the runner's settings: missing "
+                     f"{missing}, unknown {unknown}; start configs from "
+                     "experiments/configs/base.py")
+  values = {n: _convert(hints[n], d[n], n) for n in names}
+  return Experiment(method=method, raw=raw, **values)
+
+
+def section_json(settings, keys: tuple[str, ...] | None = None) -> str:
+  """A settings section (or some of its fields) as sorted JSON, for the
+  checkpoint fingerprint."""
+  d = dataclasses.asdict(settings)
+  if keys is not None:
+    d = {k: d[k] for k in keys}
+  return json.dumps(d, sort_keys=True, default=str)

@@ -1,0 +1,65 @@
+"""A run's results payload and what the runner prints about it."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Sequence
+
+import slora_jax as sl
+from slora_jax.runner import metrics
+from slora_jax.runner import results as results_lib
+
+__all__ = ["payload", "task_line", "final_lines"]
+
+_PER_TASK = ("task", "wall_time_s", "train_images_per_s", "steps",
+             "eval_time_s", "alpha_current", "kd_absorbed")
+
+
+def payload(session, done: Sequence[dict], adapters: sl.AdapterState) -> dict:
+  """The results.json payload of the tasks evaluated so far."""
+  exp, data = session.exp, session.data
+  rows = [d["top1_per_task"] for d in done]
+  rows5 = [d["top5_per_task"] for d in done] if all(
+      d.get("top5_per_task") is not None for d in done) else None
+  per_task = [{k: d[k] for k in _PER_TASK if k in d} for d in done]
+  task_sizes, extra = data.task_sizes, {}
+  if exp.method.single_phase:
+    # One training phase on every class: a 1x1 matrix over all classes, with
+    # the per-group accuracies kept beside it (Acc = AAA = final top-1).
+    task_sizes = [sum(data.task_sizes)]
+    extra["joint_group_top1"] = rows[0] if rows else []
+    rows = [[d["top1_sample_weighted"]] for d in done]
+    rows5 = [[d["top5_sample_weighted"]] for d in done] if rows5 else None
+  return results_lib.make_payload(
+      **extra,
+      config=exp.raw, seed=session.seed, class_order=data.class_order,
+      task_sizes=task_sizes, method=exp.method.name,
+      semantics=dataclasses.asdict(adapters.spec.policy),
+      acc_matrix=metrics.accuracy_matrix(rows) if rows else [],
+      acc_matrix_top5=metrics.accuracy_matrix(rows5) if rows5 else None,
+      curve_top1_sample_weighted=[d["top1_sample_weighted"] for d in done],
+      curve_top1_task_mean=[d["top1_task_mean"] for d in done],
+      curve_top5_sample_weighted=[d["top5_sample_weighted"] for d in done],
+      per_task=per_task, backbone=session.backbone_info,
+      stored_directions=int(sl.num_stored(adapters)))
+
+
+def task_line(record: dict, num_phases: int) -> str:
+  """One line after each task's evaluation."""
+  return (f"task {record['task'] + 1}/{num_phases}: top-1 "
+          f"{record['top1_sample_weighted']:.2f}  per task "
+          f"{record['top1_per_task']}")
+
+
+def final_lines(p: dict, seed: int, wall_s: float, path: str) -> str:
+  """The accuracy matrix and the summary line printed at the end of a run."""
+  s = p["summary"]
+  matrix = metrics.format_matrix(p["acc_matrix"],
+                                 metrics.group_labels(p["task_sizes"]))
+  f = s.get("forgetting")
+  forgetting = (f"  forgetting {f:.2f}" if f is not None and math.isfinite(f)
+                else "")
+  return ("top-1 accuracy (%) on each task's classes, task-agnostic, merged "
+          f"weights:\n{matrix}\nseed {seed}: Acc {s['acc']:.2f}  AAA "
+          f"{s['aaa']:.2f}{forgetting}  ({wall_s:.0f} s)  -> {path}")
