@@ -82,7 +82,7 @@ def run(argv: Sequence[str]) -> int:
                                     mags if mags is not None else [init] * num)
     if mags is None:
       print(f"warning: the reference does not save its learned magnitudes "
-            f"(SD-LoRA-SPEC.md §3.3); using its initial value {init} for all "
+            f"(docs/semantics.md §3.3); using its initial value {init} for all "
             f"{num}. Pass --magnitudes with {num} value(s) ("
             f"{f'α_prev[0..{num - 2}] then ' if num > 1 else ''}α_cur, e.g. "
             f"from its log) to import the trained function.",

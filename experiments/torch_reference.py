@@ -1,7 +1,7 @@
 """The PyTorch reference's SD-LoRA arithmetic, for timing beside ours.
 
 A minimal re-implementation (torch only, no timm) of what the official code
-computes per step (SD-LoRA-SPEC.md §2-§4): a timm-layout ViT whose fused qkv
+computes per step (docs/semantics.md §2-§4): a timm-layout ViT whose fused qkv
 output gets, for q and v of every block, the LoRA branches of *every* earlier
 task on the activations, ``α_i·(x Aᵢᵀ) Bᵢᵀ / (‖Bᵢ‖_F‖Aᵢ‖_F)`` with the norms
 taken at every forward, plus the current ``α_t·(x A_tᵀ) B_tᵀ``; cross-entropy

@@ -1,7 +1,7 @@
 """The classifier head: one linear layer over the backbone feature.
 
 The reference grows its head every task (old rows copied, new rows drawn
-U(±√(3/d)), bias 0; SD-LoRA-SPEC.md §4). We allocate all classes of the run at
+U(±√(3/d)), bias 0; docs/semantics.md §4). We allocate all classes of the run at
 once with that init and select the classes in play with a mask, so the head's
 shape, and the compiled train step, never change. Independent draws make the
 two equivalent in distribution.

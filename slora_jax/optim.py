@@ -33,7 +33,7 @@ def optimizer(learning_rate: optax.ScalarOrSchedule, momentum: float = 0.9,
   """The reference optimiser: SGD with momentum 0.9 and no weight decay.
 
   Weight decay is available but off: with it, head columns of earlier tasks
-  (which get exactly zero gradient) would drift (SD-LoRA-SPEC.md §10.14).
+  (which get exactly zero gradient) would drift (docs/semantics.md §11.4).
   """
   tx = optax.sgd(learning_rate, momentum=momentum)
   if weight_decay:

@@ -1,7 +1,7 @@
 """Named SD-LoRA semantics.
 
 The official PyTorch code and the paper disagree on several points
-(SD-LoRA-SPEC.md §3, §10). Each point is a field here, and two presets bundle
+(docs/semantics.md §3, §10). Each point is a field here, and two presets bundle
 them: ``reference()`` (what the released code does; our default because the
 published logs and LibContinual's reruns were produced by it) and ``paper()``
 (what the ICLR paper writes).
@@ -65,7 +65,7 @@ class Policy:
 
 
 def reference(**overrides) -> Policy:
-  """The released PyTorch code's semantics (SD-LoRA-SPEC.md §3)."""
+  """The released PyTorch code's semantics (docs/semantics.md §3)."""
   return dataclasses.replace(Policy(name="reference"), **overrides)
 
 
@@ -87,7 +87,7 @@ def get_policy(name: str, **overrides) -> Policy:
 def rank_schedule(task: int, schedule=((0, 10), (4, 8), (8, 6))) -> int:
   """SD-LoRA-RR rank for 0-indexed ``task``: the last (start, rank) with start ≤ task.
 
-  The default is the code comment's schedule (SD-LoRA-SPEC.md §9.1): rank 10
+  The default is the code comment's schedule (docs/semantics.md §9.1): rank 10
   for tasks 0-3, 8 for 4-7 and 6 afterwards.
   """
   rank = None

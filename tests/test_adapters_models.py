@@ -26,7 +26,7 @@ def activation_space_forward(params, x, history, mags, current, alpha):
   """The PyTorch reference's way: per-task LoRA branches on activations.
 
   Independent of the library: x·W0 + b, then Σ_i α_i·(x Aᵢᵀ Bᵢᵀ)/(‖Bᵢ‖‖Aᵢ‖)
-  + α_cur·x Aᵀ Bᵀ added to the q and v output columns (SD-LoRA-SPEC.md §3.8).
+  + α_cur·x Aᵀ Bᵀ added to the q and v output columns (docs/semantics.md §3.8).
   """
   w = np.asarray(params["qkv"]["kernel"], np.float64)
   y = x @ w + np.asarray(params["qkv"]["bias"])

@@ -3,7 +3,7 @@
 The files are written here with torch exactly as the reference does (pickled
 lists of bias-free nn.Linear modules, head tensors), and the imported state is
 checked against an independent computation of the reference's function
-(SD-LoRA-SPEC.md §3.8) that uses the torch modules' own forward.
+(docs/semantics.md §3.8) that uses the torch modules' own forward.
 """
 
 import os

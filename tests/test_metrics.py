@@ -12,7 +12,7 @@ from slora_jax.runner import reference_numbers
 
 LOGS = reference_numbers.official_log_matrices()
 
-# SD-LoRA-SPEC.md §7: forgetting with groups in numeric order, and what the
+# docs/semantics.md §7: forgetting with groups in numeric order, and what the
 # logs print (string-sorted groups).
 SPEC_FORGETTING = {"InR-T5.log": 5.63, "InR-T20.log": 5.17, "InR-T10.log": 6.46,
                    "InA.log": 10.41, "C100.log": 6.41}
@@ -163,7 +163,7 @@ def test_equal_sizes_task_mean_close_to_sample_weighted(args):
 # --- reference numbers --------------------------------------------------------
 
 SPEC_VALUES = [
-    # (benchmark, method, kind, acc, aaa), typed from SD-LoRA-SPEC.md §8 / §11.
+    # (benchmark, method, kind, acc, aaa), typed from docs/semantics.md §8.
     ("imagenet_r_5", "sdlora", "paper", 79.15, 83.01),
     ("imagenet_r_20", "sdlora_rr", "paper", 74.05, 80.65),
     ("imagenet_a_10", "sdlora_kd", "paper", 54.24, 63.89),

@@ -135,7 +135,7 @@ def test_bf16_compute_close_to_f32(timm_case):
 def test_vit_b16_parameter_count():
   fused = vit.abstract_params(vit.vit_b16())
   split = vit.abstract_params(vit.vit_b16(qkv="split"))
-  # timm vit_base_patch16_224 with num_classes=0 (SPEC §1).
+  # timm vit_base_patch16_224 with num_classes=0 (docs/semantics.md §1).
   assert vit.count_params(fused) == 85_798_656
   assert vit.count_params(split) == 85_798_656
   assert vit.count_params(vit.abstract_params(vit.vit_s16())) == 21_665_664

@@ -3,7 +3,7 @@
 Each config file in this folder starts from `base()` and changes what its
 benchmark needs; every field can be overridden on the command line
 (``--config.train.batch_size=64``). Values follow the PyTorch reference's
-logged runs (SD-LoRA-SPEC.md §5) unless a comment says otherwise.
+logged runs (docs/semantics.md §5) unless a comment says otherwise.
 """
 
 import ml_collections

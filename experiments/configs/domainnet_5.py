@@ -1,6 +1,6 @@
 """DomainNet, 5 tasks of 69 classes.
 
-No logged run exists and the reference cannot load DomainNet (spec §6.1); the
+No logged run exists and the reference cannot load DomainNet (docs/semantics.md §6.1); the
 schedule is ``sdlora_dom.json``'s: 10 epochs, lr 0.02, milestones [4, 6, 8]
 with gamma 0.005 (effectively 4 epochs of training).
 """

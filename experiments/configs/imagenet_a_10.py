@@ -1,7 +1,7 @@
 """ImageNet-A, 10 tasks of 20 classes (log InA.log: seed 1993, constant lr 0.01).
 
 The shipped ``sdlora_ina.json`` now says step decay and lr 0.005 for later
-tasks; the logged run used a constant 0.01 (SD-LoRA-SPEC.md §5).
+tasks; the logged run used a constant 0.01 (docs/semantics.md §5).
 """
 
 from experiments.configs import base

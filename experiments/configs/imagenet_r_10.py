@@ -1,6 +1,6 @@
 """ImageNet-R, 10 tasks of 20 classes (log ``InR-T20.log``: lr 0.008).
 
-The official logs' file names for N=10 and N=20 are swapped (SD-LoRA-SPEC.md
+The official logs' file names for N=10 and N=20 are swapped (docs/semantics.md
 §8.1): the N=10 run is ``InR-T20.log``. Its header says seed 1995 but it
 printed the seed-1996 class order; use ``--config.seeds='(1996,)'`` to
 reproduce that log.

@@ -1,6 +1,6 @@
 """ImageNet-R, 20 tasks of 10 classes (log ``InR-T10.log``: seed 1995, lr 0.01).
 
-The official logs' file names for N=10 and N=20 are swapped (SD-LoRA-SPEC.md
+The official logs' file names for N=10 and N=20 are swapped (docs/semantics.md
 §8.1): the N=20 run is ``InR-T10.log``.
 """
 

@@ -1,6 +1,6 @@
 """Continual-learning metrics: accuracy matrix, Acc/AAA, forgetting, BWT.
 
-Pure numpy; definitions follow the official code (SD-LoRA-SPEC.md §7).
+Pure numpy; definitions follow the official code (docs/semantics.md §7).
 
 Conventions:
   * Tasks are 0-indexed. ``R[t, k]`` is the top-1 accuracy (%) on the test
@@ -232,7 +232,7 @@ def summarize(R, curve_sample_weighted, curve_task_mean=None,
 def reference_string_sorted_forgetting(R, keys: Sequence[str]) -> float:
   """The forgetting the official logs *print*, string-sort bug included.
 
-  For cross-checking logs only (SD-LoRA-SPEC.md §7): after each task the
+  For cross-checking logs only (docs/semantics.md §7): after each task the
   reference sorts the seen group keys (``keys``, numeric order, e.g. from
   ``group_labels``) as strings, stacks the rows zero-padded, transposes and
   applies the ``forgetting`` formula, so with ≥100 classes its "rows" mix

@@ -1,6 +1,6 @@
 """Imports a run of the official PyTorch SD-LoRA code as an `AdapterState`.
 
-After task t the reference writes, under its ``filepath`` (SD-LoRA-SPEC.md §4):
+After task t the reference writes, under its ``filepath`` (docs/semantics.md §4):
 
 * ``lora_w_a_{t}.pt`` / ``lora_w_b_{t}.pt``: pickled Python lists of
   ``2·depth`` bias-free ``torch.nn.Linear`` modules, q then v per block (entry
@@ -9,7 +9,7 @@ After task t the reference writes, under its ``filepath`` (SD-LoRA-SPEC.md §4):
 * ``CLs_weight{t}.pt`` / ``CLs_bias{t}.pt``: the head over every class seen so
   far, ``(classes, d)`` and ``(classes,)``.
 
-The function evaluated after task T-1 (SD-LoRA-SPEC.md §3.8) has directions
+The function evaluated after task T-1 (docs/semantics.md §3.8) has directions
 0..T-2 as *previous* ones, each divided by ‖B‖_F·‖A‖_F per projection, and task
 T-1 as the raw *current* direction scaled by α_cur. Our state holds exactly
 that: T-1 stored slots plus the current pair, so `slora_jax.merge` and the
@@ -17,7 +17,7 @@ eval step compute the reference's function. Our (A, B) arrays use torch's
 weight layouts, so ``ΔW = Aᵀ·Bᵀ`` in our input-major kernels needs no
 transpose of the factors; only the head's weight is transposed.
 
-The reference never saves its magnitudes (SD-LoRA-SPEC.md §3.3): they must be
+The reference never saves its magnitudes (docs/semantics.md §3.3): they must be
 given (e.g. the values its log printed) or default to its initial value 0.8.
 
 Reading the ``.pt`` files needs PyTorch, imported lazily: nothing else in

@@ -1,7 +1,7 @@
 """Published SD-LoRA numbers (paper, official logs, LibContinual) as data.
 
 The numbers live in ``reference_data/reference_numbers.json``, transcribed
-from SD-LoRA-SPEC.md §8 and §11, each entry with a human-readable ``source``.
+from docs/semantics.md §8, each entry with a human-readable ``source``.
 Layout: ``references[benchmark_id][method] -> [entry, ...]`` with
 benchmark ids such as ``imagenet_r_10`` and methods ``sdlora``,
 ``sdlora_rr``, ``sdlora_kd``. Entry fields: ``kind`` ("paper",

@@ -71,7 +71,7 @@ def make_train_step(apply_fn: ApplyFn, num_classes: int,
   Both compute the same function and gradients.
 
   The loss is cross-entropy over the classes ``[lo, hi)`` only (the
-  reference's ``logits[:, known:]`` slicing, SD-LoRA-SPEC.md §4), averaged over
+  reference's ``logits[:, known:]`` slicing, docs/semantics.md §4), averaged over
   the rows whose ``mask`` is set (padding of the last partial batch). Returns
   the new (adapters, head, opt_state) and device-side metrics.
   """

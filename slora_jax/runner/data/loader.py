@@ -4,7 +4,7 @@ A batch is ``{'image': float32 (b, H, W, 3), 'label': int32 (b,), 'mask':
 float32 (b,)}``: this process's ``b = batch_size / process_count`` rows of the
 global batch. The last partial batch of an epoch is padded with zero images
 (``mask`` 0) so every step has the same shapes and compiles once. The reference
-trains with ``drop_last=False`` (SD-LoRA-SPEC.md §4) and averages the loss over
+trains with ``drop_last=False`` (docs/semantics.md §4) and averages the loss over
 the real samples of each batch; with the mask the same samples are seen and
 the padded rows add nothing.
 

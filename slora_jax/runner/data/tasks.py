@@ -1,6 +1,6 @@
 """Class order and task splits, exactly as the reference's DataManager.
 
-SD-LoRA-SPEC.md §6.3-6.4: ``np.random.seed(seed); np.random.permutation(n)``,
+docs/semantics.md §6.3-6.4: ``np.random.seed(seed); np.random.permutation(n)``,
 labels remapped to their position in that order, tasks of ``init_cls`` then
 ``increment`` classes with any remainder as a last task.
 """

@@ -1,4 +1,4 @@
-"""The reference's preprocessing (SD-LoRA-SPEC.md §6.2), with PIL and numpy.
+"""The reference's preprocessing (docs/semantics.md §6.2), with PIL and numpy.
 
 Train: ``RandomResizedCrop(size, scale=(0.05, 1), ratio=(3/4, 4/3))`` with
 bilinear resampling, then a horizontal flip with probability 1/2. Test:
