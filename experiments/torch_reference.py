@@ -13,7 +13,7 @@ It leaves out the reference's pure overheads (re-reading every earlier
 ``lora_w_a_*.pt`` from disk at each step for an unused loss, building four
 throw-away ``nn.Linear`` modules per forward, the second ViT copy), so its
 times are a lower bound on the reference's. Used by
-``experiments.benchmark --torch``; torch is optional and imported lazily.
+``experiments.benchmark --torch``, which imports it only then.
 """
 
 from __future__ import annotations
@@ -22,96 +22,98 @@ import math
 import statistics
 import time
 
+try:
+  import torch
+  from torch import nn
+  from torch.nn import functional as F
+except ImportError as e:
+  raise ImportError("the PyTorch comparison needs torch: pip install torch "
+                    "(a CPU build is enough)") from e
 
-def _torch():
-  try:
-    import torch  # pylint: disable=import-outside-toplevel
-  except ImportError as e:
-    raise RuntimeError("the PyTorch comparison needs torch: pip install "
-                       "torch (a CPU build is enough)") from e
-  return torch
+
+def _attention(qkv_out, heads):
+  b_, n, d3 = qkv_out.shape
+  d = d3 // 3
+  qkv = qkv_out.reshape(b_, n, 3, heads, d // heads).permute(2, 0, 3, 1, 4)
+  o = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
+  return o.transpose(1, 2).reshape(b_, n, d)
+
+
+class Block(nn.Module):
+  """A timm pre-norm block whose q and v carry every task's LoRA branch."""
+
+  def __init__(self, width, heads, mlp, rank, tasks, rand):
+    super().__init__()
+    self.heads = heads
+    self.norm1 = nn.LayerNorm(width, eps=1e-6)
+    self.qkv = nn.Linear(width, 3 * width)
+    self.proj = nn.Linear(width, width)
+    self.norm2 = nn.LayerNorm(width, eps=1e-6)
+    self.fc1 = nn.Linear(width, mlp)
+    self.fc2 = nn.Linear(mlp, width)
+    bound = 1 / math.sqrt(width)
+    # Earlier tasks' factors (frozen) and the current pair, per q and v.
+    self.prev = [[(rand(rank, width), rand(width, rank)) for _ in range(tasks)]
+                 for _ in range(2)]
+    self.cur_a = nn.ParameterList(
+        [nn.Parameter(torch.empty(rank, width).uniform_(-bound, bound))
+         for _ in range(2)])
+    self.cur_b = nn.ParameterList(
+        [nn.Parameter(torch.zeros(width, rank)) for _ in range(2)])
+
+  def lora(self, x, p, mags):
+    out = mags[-1] * F.linear(F.linear(x, self.cur_a[p]), self.cur_b[p])
+    for i, (a, b) in enumerate(self.prev[p]):
+      out = out + mags[i] * F.linear(F.linear(x, a), b) / (
+          torch.norm(b) * torch.norm(a))
+    return out
+
+  def forward(self, x, mags=None):
+    """With ``mags``, the adapted block; without, the plain one."""
+    d = x.shape[-1]
+    h = self.norm1(x)
+    qkv = self.qkv(h)
+    if mags is not None:
+      q = qkv[..., :d] + self.lora(h, 0, mags)
+      v = qkv[..., 2 * d:] + self.lora(h, 1, mags)
+      qkv = torch.cat([q, qkv[..., d:2 * d], v], dim=-1)
+    x = x + self.proj(_attention(qkv, self.heads))
+    return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
+
+
+class ViT(nn.Module):
+  """timm's ViT layout, a linear head and one magnitude per task."""
+
+  def __init__(self, depth, width, heads, mlp, image_size, patch, num_classes,
+               rank, tasks, rand):
+    super().__init__()
+    self.patch = nn.Conv2d(3, width, patch, patch)
+    self.cls = nn.Parameter(rand(1, 1, width))
+    self.pos = nn.Parameter(rand(1, 1 + (image_size // patch) ** 2, width))
+    self.blocks = nn.ModuleList([Block(width, heads, mlp, rank, tasks, rand)
+                                 for _ in range(depth)])
+    self.norm = nn.LayerNorm(width, eps=1e-6)
+    self.mags = nn.Parameter(torch.full((tasks + 1,), 0.8))
+    self.head = nn.Linear(width, num_classes)
+
+  def forward(self, x, lora=True):
+    x = self.patch(x).flatten(2).transpose(1, 2)
+    x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], 1) + self.pos
+    for blk in self.blocks:
+      x = blk(x, self.mags if lora else None)
+    return self.head(self.norm(x)[:, 0])
 
 
 def build(depth=12, width=768, heads=12, mlp=3072, image_size=224, patch=16,
           num_classes=200, rank=10, tasks=0, seed=0):
   """Returns ``(model, trainable params)`` with ``tasks`` earlier directions."""
-  torch = _torch()
-  nn, F = torch.nn, torch.nn.functional
   g = torch.Generator().manual_seed(seed)
 
   def rand(*shape, scale=0.02):
-    return (torch.randn(*shape, generator=g) * scale)
+    return torch.randn(*shape, generator=g) * scale
 
-  class Block(nn.Module):
-
-    def __init__(self):
-      super().__init__()
-      self.norm1 = nn.LayerNorm(width, eps=1e-6)
-      self.qkv = nn.Linear(width, 3 * width)
-      self.proj = nn.Linear(width, width)
-      self.norm2 = nn.LayerNorm(width, eps=1e-6)
-      self.fc1 = nn.Linear(width, mlp)
-      self.fc2 = nn.Linear(mlp, width)
-      bound = 1 / math.sqrt(width)
-      # Earlier tasks' factors (frozen) and the current pair, per q and v.
-      self.prev = [[(rand(rank, width), rand(width, rank)) for _ in range(tasks)]
-                   for _ in range(2)]
-      self.cur_a = nn.ParameterList(
-          [nn.Parameter(torch.empty(rank, width).uniform_(-bound, bound))
-           for _ in range(2)])
-      self.cur_b = nn.ParameterList(
-          [nn.Parameter(torch.zeros(width, rank)) for _ in range(2)])
-
-    def lora(self, x, p, mags):
-      out = mags[-1] * F.linear(F.linear(x, self.cur_a[p]), self.cur_b[p])
-      for i, (a, b) in enumerate(self.prev[p]):
-        out = out + mags[i] * F.linear(F.linear(x, a), b) / (
-            torch.norm(b) * torch.norm(a))
-      return out
-
-    def forward(self, x, mags):
-      b_, n, d = x.shape
-      h = self.norm1(x)
-      qkv = self.qkv(h)
-      q = qkv[..., :d] + self.lora(h, 0, mags)
-      v = qkv[..., 2 * d:] + self.lora(h, 1, mags)
-      qkv = torch.cat([q, qkv[..., d:2 * d], v], dim=-1)
-      qkv = qkv.reshape(b_, n, 3, heads, d // heads).permute(2, 0, 3, 1, 4)
-      o = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
-      x = x + self.proj(o.transpose(1, 2).reshape(b_, n, d))
-      return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
-
-  class ViT(nn.Module):
-
-    def __init__(self):
-      super().__init__()
-      self.patch = nn.Conv2d(3, width, patch, patch)
-      self.cls = nn.Parameter(rand(1, 1, width))
-      self.pos = nn.Parameter(rand(1, 1 + (image_size // patch) ** 2, width))
-      self.blocks = nn.ModuleList([Block() for _ in range(depth)])
-      self.norm = nn.LayerNorm(width, eps=1e-6)
-      self.mags = nn.Parameter(torch.full((tasks + 1,), 0.8))
-      self.head = nn.Linear(width, num_classes)
-
-    def forward(self, x, lora=True):
-      x = self.patch(x).flatten(2).transpose(1, 2)
-      x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], 1) + self.pos
-      for blk in self.blocks:
-        if lora:
-          x = blk(x, self.mags)
-        else:
-          x = plain_block(blk, x)
-      return self.head(self.norm(x)[:, 0])
-
-  def plain_block(blk, x):
-    b_, n, d = x.shape
-    qkv = blk.qkv(blk.norm1(x)).reshape(b_, n, 3, heads, d // heads)
-    qkv = qkv.permute(2, 0, 3, 1, 4)
-    o = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
-    x = x + blk.proj(o.transpose(1, 2).reshape(b_, n, d))
-    return x + blk.fc2(F.gelu(blk.fc1(blk.norm2(x))))
-
-  model = ViT()
+  model = ViT(depth, width, heads, mlp, image_size, patch, num_classes, rank,
+              tasks, rand)
   for name, p in model.named_parameters():
     if not (name.startswith(("mags", "head")) or ".cur_" in name):
       p.requires_grad_(False)
@@ -121,7 +123,6 @@ def build(depth=12, width=768, heads=12, mlp=3072, image_size=224, patch=16,
 
 def time_reference(tasks=(0, 19), batch=4, repeats=3, **dims) -> dict:
   """Median seconds of the train step at each t, eval forward, plain forward."""
-  torch = _torch()
   image = dims.get("image_size", 224)
   num_classes = dims.get("num_classes", 200)
   x = torch.rand(batch, 3, image, image)

@@ -70,7 +70,7 @@ class Session:
   eval_step: Callable
   merge: Callable
   ckpt: ckpt_lib.Checkpointer
-  writer: Any                            # TensorBoard writer (process 0) or None
+  writer: EventWriter | None             # process 0 only
   fingerprint: dict
   task_of_class: jax.Array
   width: int
@@ -105,11 +105,32 @@ def _rules(adapter: config_lib.AdapterSettings, model_cfg):
   return tuple(sl.kernel(p) for p in adapter.targets.split(","))
 
 
-def _writer(workdir: str):
+class EventWriter:
+  """TensorBoard events of process 0, opened at the first scalar: a run
+  refused before it trains (e.g. another config's checkpoint) writes none."""
+
+  def __init__(self, directory: str):
+    self._directory, self._writer = directory, None
+
+  def add_scalar(self, tag: str, value: float, step: int) -> None:
+    if self._writer is None:
+      from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
+      self._writer = SummaryWriter(self._directory)
+    self._writer.add_scalar(tag, value, step)
+
+  def flush(self) -> None:
+    if self._writer is not None:
+      self._writer.flush()
+
+  def close(self) -> None:
+    if self._writer is not None:
+      self._writer.close()
+
+
+def _writer(workdir: str) -> EventWriter | None:
   if jax.process_index() != 0:
     return None
-  from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
-  return SummaryWriter(os.path.join(workdir, "tensorboard"))
+  return EventWriter(os.path.join(workdir, "tensorboard"))
 
 
 def open_session(exp: config_lib.Experiment, seed: int, workdir: str) -> Session:
