@@ -245,7 +245,7 @@ def apply_with_adapters(apply_fn: Callable[..., Any], params: Any,
   for t in spec.targets:
     prev = frozen["previous"][t.name]
     cur = adapters.trainable["current"][t.name]
-    scale = ad_lib._current_scale(adapters, cur["A"], cur["B"])
+    scale = ad_lib.current_scale(adapters, cur["A"], cur["B"])
     current[t.name] = (cur["A"], cur["B"], scale)
     deltas[t.name] = stored_delta(
         sg(coefs[t.name]), prev["A"], prev["B"], n,

@@ -32,7 +32,7 @@ from slora_jax import targets as targets_lib
 __all__ = [
     "AdapterSpec", "AdapterState", "init_adapters", "begin_task", "end_task",
     "apply_adapters", "apply_deltas", "merge", "delta", "current_delta",
-    "slot_coefficients", "num_stored", "stored_ranks",
+    "slot_coefficients", "current_scale", "num_stored", "stored_ranks",
 ]
 
 _EPS = 1e-12
@@ -181,7 +181,7 @@ def _direction_scale(a, b, how):
   return jnp.where(norm > _EPS, 1.0 / jnp.maximum(norm, _EPS), 0.0)
 
 
-def _current_scale(adapters, a, b):
+def current_scale(adapters, a, b):
   pol = adapters.spec.policy
   alpha = adapters.trainable["magnitudes"]["current"]
   if not pol.normalize_current:
@@ -230,7 +230,7 @@ def delta(adapters: AdapterState) -> dict[str, jax.Array]:
     d_prev = jnp.einsum("cri,cor->io", prev["A"] * coef[:, None, None],
                         prev["B"])
     d_cur = current_delta(cur["A"], cur["B"],
-                          _current_scale(adapters, cur["A"], cur["B"]))
+                          current_scale(adapters, cur["A"], cur["B"]))
     out[t.name] = d_prev + d_cur
   return out
 
