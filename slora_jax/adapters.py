@@ -182,6 +182,7 @@ def _direction_scale(a, b, how):
 
 
 def current_scale(adapters, a, b):
+  """The current pair's coefficient: α_t (code) or α_t/max(‖B_tA_t‖, floor)."""
   pol = adapters.spec.policy
   alpha = adapters.trainable["magnitudes"]["current"]
   if not pol.normalize_current:
