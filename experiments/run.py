@@ -90,8 +90,33 @@ def _bad_override(e: Exception, argv):
   _fail(message or f"bad config override: {e.args[0] if e.args else e}")
 
 
+def _check_config_file(argv) -> None:
+  """One line and exit 2 for a --config file that is missing or not a config."""
+  path = _config_file(argv)
+  file = path.partition(":")[0]
+  if not os.path.isfile(file):
+    here = os.path.relpath(os.path.dirname(_DEMO))
+    names = sorted(n[:-3] for n in os.listdir(here)
+                   if n.endswith(".py") and n not in ("__init__.py", "base.py"))
+    _fail(f"config file {file!r} does not exist; pass --config=PATH to an "
+          f"ml_collections config file, e.g. one of {here}/: "
+          f"{', '.join(names)}")
+  spec = importlib.util.spec_from_file_location("_slora_config_check", file)
+  module = importlib.util.module_from_spec(spec)
+  try:
+    spec.loader.exec_module(module)
+  except Exception as e:  # pylint: disable=broad-except
+    _fail(f"config file {file!r} could not be loaded: "
+          f"{type(e).__name__}: {e}")
+  if not callable(getattr(module, "get_config", None)):
+    _fail(f"config file {file!r} defines no get_config(); a config file must "
+          "define get_config() returning an ml_collections.ConfigDict (see "
+          "experiments/configs/base.py)")
+
+
 def _parse_flags(argv):
   """absl's parsing; a bad flag or config key is one line and exit code 2."""
+  _check_config_file(argv)
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
@@ -111,21 +136,29 @@ except (KeyError, AttributeError) as err:
   _bad_override(err, sys.argv)
 
 
+def _quiet_libraries(verbosity: int) -> None:
+  """Library logs (JAX, Orbax, absl, TF) at WARNING unless --verbosity >= 1."""
+  level = std_logging.INFO if verbosity >= 1 else std_logging.WARNING
+  std_logging.getLogger().setLevel(level)
+  logging.set_verbosity(logging.INFO if verbosity >= 1 else logging.WARNING)
+  if verbosity < 1:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  _quiet_libraries(flags.FLAGS.verbosity)
   from slora_jax.runner import errors
-  from slora_jax.runner import train
+  from slora_jax.runner import sweep
 
-  config = _CONFIG.value
-  workdir = _WORKDIR.value or default_workdir(flags.FLAGS["config"].config_filename)
-  logging.info("config:\n%s", config)
+  config_file = flags.FLAGS["config"].config_filename
+  workdir = _WORKDIR.value or default_workdir(config_file)
   try:
-    train.train_and_evaluate(config, workdir)
+    sweep.run(_CONFIG.value, workdir, config_file)
   except errors.USER_ERRORS as e:
     _fail(e)
 
 
 if __name__ == "__main__":
-  std_logging.getLogger("absl").setLevel(std_logging.INFO)
   app.run(main, flags_parser=_parse_flags)

@@ -132,6 +132,34 @@ def test_unknown_config_key_suggests_the_nearest(env, old_run):
   assert snapshot(workdir) == before
 
 
+def test_config_file_missing_or_without_get_config(env, old_run, tmp_path):
+  workdir, before = old_run
+  line = error_line(run_cli(env, workdir, config=str(tmp_path / "nope.py")))
+  assert line.startswith(f"error: config file '{tmp_path / 'nope.py'}' does "
+                         "not exist; pass --config=PATH") and "demo" in line
+  (tmp_path / "plain.py").write_text("x = 1\n")
+  line = error_line(run_cli(env, workdir, config=str(tmp_path / "plain.py")))
+  assert line == (f"error: config file '{tmp_path / 'plain.py'}' defines no "
+                  "get_config(); a config file must define get_config() "
+                  "returning an ml_collections.ConfigDict (see "
+                  "experiments/configs/base.py)")
+  (tmp_path / "broken.py").write_text("def get_config(:\n")
+  line = error_line(run_cli(env, workdir, config=str(tmp_path / "broken.py")))
+  assert line.startswith(f"error: config file '{tmp_path / 'broken.py'}' "
+                         "could not be loaded: SyntaxError")
+  assert snapshot(workdir) == before
+
+
+def test_unknown_method_and_wrong_value_type_are_one_line(env, old_run):
+  workdir, before = old_run
+  line = error_line(run_cli(env, workdir, "--config.method=sdlora_xx"))
+  assert line.startswith("error: unknown method 'sdlora_xx'; choose one of "
+                         "sdlora, sdlora_rr, sdlora_kd, seq_lora")
+  line = error_line(run_cli(env, workdir, "--config.data.crop_scale=(0.5,)"))
+  assert line == ("error: data.crop_scale must have 2 values, got (0.5,)")
+  assert snapshot(workdir) == before
+
+
 def test_checkpoint_of_another_config_names_the_field(env, tmp_path):
   workdir = tmp_path / "run"
   exp = config_lib.from_config(tiny_config.get_config())

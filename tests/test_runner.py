@@ -6,6 +6,7 @@ Debian package), else generated images, with a tiny ViT and a few steps.
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -130,6 +131,13 @@ def test_cli_demo_shortened(tmp_path, cache_dir):
                      timeout=900)
   assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
   assert "Acc" in r.stdout and "AAA" in r.stdout
+  # What a person sees: a short report, no library log records.
+  lines = (r.stdout + r.stderr).splitlines()
+  assert len(lines) <= 40, "\n".join(lines)
+  assert not [l for l in lines if "INFO" in l or re.match(r"I\d{4} ", l)]
+  assert f"{workdir}/config.json" in r.stdout
+  assert f"{workdir}/seed_1993/results.png" in r.stdout
+  assert json.load(open(workdir / "config.json"))["method"] == "sdlora"
   res = json.load(open(workdir / "seed_1993" / "results.json"))
   assert res["summary"]["num_tasks"] == 5
   src = "idx" if os.path.isdir(FMNIST) else "synthetic"

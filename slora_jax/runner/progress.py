@@ -1,4 +1,5 @@
-"""A progress bar per task: tqdm on a terminal, a line every 10% elsewhere."""
+"""A progress bar per task on a terminal; nothing elsewhere (CI logs get the
+one line per task that the loop prints after evaluating it)."""
 
 from __future__ import annotations
 
@@ -17,13 +18,13 @@ class Bar:
   def __init__(self, desc: str, total: int, initial: int, batch_size: int):
     self._tqdm = None
     self.total, self.n, self.desc = total, initial, desc
-    self._t0, self._n0, self._last = time.perf_counter(), initial, -1
+    self._t0, self._n0 = time.perf_counter(), initial
     self._batch = batch_size
-    self._post = {}
-    if sys.stderr.isatty():
+    if sys.stdout.isatty():
       import tqdm  # pylint: disable=import-outside-toplevel
       self._tqdm = tqdm.tqdm(total=total, initial=initial, desc=desc,
-                             unit="step", dynamic_ncols=True)
+                             unit="step", dynamic_ncols=True, leave=False,
+                             file=sys.stdout)
 
   def _images_per_s(self) -> float:
     dt = max(time.perf_counter() - self._t0, 1e-9)
@@ -33,16 +34,8 @@ class Bar:
     self.n += k
     if self._tqdm is not None:
       self._tqdm.update(k)
-      return
-    tenth = int(10 * self.n / max(self.total, 1))
-    if tenth != self._last:
-      self._last = tenth
-      post = " ".join(f"{k}={v}" for k, v in self._post.items())
-      print(f"{self.desc}: {self.n}/{self.total} steps, "
-            f"{self._images_per_s():.1f} img/s {post}", flush=True)
 
   def set_postfix(self, **kw) -> None:
-    self._post = kw
     if self._tqdm is not None:
       self._tqdm.set_postfix(**kw, img_s=f"{self._images_per_s():.1f}")
 

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from typing import Sequence
 
 import slora_jax as sl
 from slora_jax.runner import metrics
 from slora_jax.runner import results as results_lib
 
-__all__ = ["payload", "task_line", "final_lines"]
+__all__ = ["payload", "session_line", "task_line", "final_lines"]
 
 _PER_TASK = ("task", "wall_time_s", "train_images_per_s", "steps",
              "eval_time_s", "alpha_current", "kd_absorbed")
@@ -45,11 +46,23 @@ def payload(session, done: Sequence[dict], adapters: sl.AdapterState) -> dict:
       stored_directions=int(sl.num_stored(adapters)))
 
 
+def session_line(session) -> str:
+  """What a seed's run adapts and learns, once its data and backbone are built."""
+  d, info = session.data, session.backbone_info
+  sizes = sorted(set(d.task_sizes))
+  per = "x".join(str(s) for s in sizes)
+  return (f"seed {session.seed}: backbone {info['name']} (width "
+          f"{session.width}); data {d.source.description}, {d.num_tasks} tasks "
+          f"of {per} classes, {len(d.train_index)} train / {len(d.test_index)} "
+          f"test images")
+
+
 def task_line(record: dict, num_phases: int) -> str:
   """One line after each task's evaluation."""
   return (f"task {record['task'] + 1}/{num_phases}: top-1 "
           f"{record['top1_sample_weighted']:.2f}  per task "
-          f"{record['top1_per_task']}")
+          f"{record['top1_per_task']}  ({record['wall_time_s']:.0f} s, "
+          f"{record['train_images_per_s']:.0f} img/s)")
 
 
 def final_lines(p: dict, seed: int, wall_s: float, path: str) -> str:
@@ -62,4 +75,5 @@ def final_lines(p: dict, seed: int, wall_s: float, path: str) -> str:
                 else "")
   return ("top-1 accuracy (%) on each task's classes, task-agnostic, merged "
           f"weights:\n{matrix}\nseed {seed}: Acc {s['acc']:.2f}  AAA "
-          f"{s['aaa']:.2f}{forgetting}  ({wall_s:.0f} s)  -> {path}")
+          f"{s['aaa']:.2f}{forgetting}  ({wall_s:.0f} s)\n  -> {path}, "
+          f"{os.path.join(os.path.dirname(path), 'results.png')}")

@@ -1,8 +1,7 @@
 """The class-incremental task loop: train, evaluate merged, checkpoint, report.
 
-``train_and_evaluate(config, workdir)`` reads the config once
-(`slora_jax.runner.config.from_config`) and runs every seed into
-``workdir/seed_<seed>``. A run restarted with the same workdir resumes from
+``train_and_evaluate(exp, workdir)`` runs every seed of a validated config
+(`slora_jax.runner.config.from_config`) into ``workdir/seed_<seed>``. A run restarted with the same workdir resumes from
 its latest checkpoint (mid-task included) and reaches the same numbers as an
 uninterrupted one: data order, augmentation and adapter init are pure
 functions of (seed, task, epoch, sample).
@@ -41,24 +40,33 @@ from slora_jax.runner.session import Cursor, Progress, Session, open_session
 __all__ = ["train_and_evaluate", "run_seed"]
 
 
-def train_and_evaluate(config, workdir: str) -> list[dict]:
-  """Runs every seed of ``config`` (a ConfigDict); returns their payloads."""
-  exp = config_lib.from_config(config)
+def train_and_evaluate(exp: config_lib.Experiment, workdir: str) -> list[dict]:
+  """Runs every seed of ``exp``; returns their results payloads.
+
+  ``workdir/config.json`` gets the full config once the first seed's data and
+  checkpoint are accepted (a refused run leaves the workdir as it was).
+  """
   parallel.maybe_initialize_distributed(exp.distributed)
-  return [run_seed(exp, int(seed), os.path.join(workdir, f"seed_{seed}"))
-          for seed in exp.seeds]
+  config_json = os.path.join(workdir, "config.json")
+  return [run_seed(exp, int(seed), os.path.join(workdir, f"seed_{seed}"),
+                   config_json) for seed in exp.seeds]
 
 
-def run_seed(exp: config_lib.Experiment, seed: int, workdir: str) -> dict:
+def run_seed(exp: config_lib.Experiment, seed: int, workdir: str,
+             config_json: str | None = None) -> dict:
   """One full continual-learning run; returns the results payload.
 
   A workdir that is not writable is refused before anything else; a full
   disk or a read-only workdir met later becomes a one-line `WorkdirError`.
+  ``config_json``: where to write the full config once the run is accepted.
   """
   ckpt_lib.check_workdir(workdir)                   # before data and compiles
   with _workdir_errors(workdir):
     session = open_session(exp, seed, workdir)
+    print(report.session_line(session), flush=True)
     state = restore_or_start(session)
+    if config_json and jax.process_index() == 0:
+      results_lib.write_json(config_json, exp.raw)
     for t in range(state.cursor.task, session.num_phases):
       state, timing = train_task(session, state, t)
       record = evaluate_task(session, state, t, timing)
