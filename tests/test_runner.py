@@ -103,7 +103,8 @@ def test_different_config_in_workdir_is_refused(uninterrupted, cache_dir):
     run_seed(small_config(cache_dir, method="sdlora_kd"), 1993, str(workdir))
 
 
-@pytest.mark.parametrize("method", ["sdlora_rr", "sdlora_kd", "seq_lora", "joint"])
+@pytest.mark.parametrize("method", ["sdlora_rr", "sdlora_kd", "seq_lora",
+                                    "linear_probe", "joint"])
 def test_methods_run_end_to_end(method, tmp_path, cache_dir):
   c = small_config(cache_dir, method=method)
   c.adapter.rank_schedule = ((0, 4), (2, 3), (4, 2))
@@ -114,6 +115,9 @@ def test_methods_run_end_to_end(method, tmp_path, cache_dir):
     assert len(res["joint_group_top1"]) == 5
   if method == "sdlora_rr":
     assert res["stored_directions"] == 5
+  if method == "linear_probe":
+    assert res["stored_directions"] == 0
+    assert all(p["alpha_current"] == 1.0 for p in res["per_task"])
 
 
 def test_cli_demo_shortened(tmp_path, cache_dir):

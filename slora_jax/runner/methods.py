@@ -28,6 +28,8 @@ class Method:
     rank_reduction: later tasks use the smaller ranks of
       ``adapter.rank_schedule`` (SD-LoRA-RR).
     single_phase: one training phase over all classes (the joint upper bound).
+    trains_adapters: the LoRA factors train; otherwise they stay at their
+      initial B = 0 (no change to the backbone) and only the head trains.
   """
   name: str
   summary: str
@@ -36,6 +38,7 @@ class Method:
   knowledge_distillation: bool = False
   rank_reduction: bool = False
   single_phase: bool = False
+  trains_adapters: bool = True
 
   def policy_overrides(self) -> dict:
     """`Policy` fields this method fixes whatever the semantics."""
@@ -59,6 +62,9 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            "the magnitudes", knowledge_distillation=True),
     Method("seq_lora", "one LoRA fine-tuned on every task in turn",
            direction_per_task=False, trains_magnitudes=False),
+    Method("linear_probe", "the frozen backbone: only the growing head trains",
+           direction_per_task=False, trains_magnitudes=False,
+           trains_adapters=False),
     Method("joint", "one LoRA on all classes at once (the upper bound)",
            direction_per_task=False, trains_magnitudes=False,
            single_phase=True),

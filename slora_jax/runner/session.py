@@ -147,7 +147,8 @@ def open_session(exp: config_lib.Experiment, seed: int, workdir: str) -> Session
       capacity=exp.method.capacity(exp.adapter.capacity, phases),
       max_rank=max(exp.rank(t) for t in range(phases)), policy=exp.policy())
   tx = steps_lib.make_optimizer(momentum=exp.train.momentum,
-                                train_magnitudes=exp.method.trains_magnitudes)
+                                train_magnitudes=exp.method.trains_magnitudes,
+                                train_adapters=exp.method.trains_adapters)
   n_cls = data.num_classes
   return Session(
       exp=exp, seed=seed, workdir=workdir, data=data, mesh=mesh,

@@ -25,21 +25,25 @@ ApplyFn = Callable[[Any, jax.Array], jax.Array]
 
 
 def make_optimizer(momentum: float = 0.9, train_magnitudes: bool = True,
-                   weight_decay: float = 0.0) -> optax.GradientTransformation:
+                   weight_decay: float = 0.0,
+                   train_adapters: bool = True) -> optax.GradientTransformation:
   """SGD whose learning rate is a hyper-parameter set at every step.
 
   The rate lives in the optimiser state, so schedules and per-task rates never
-  recompile the step. Plain-LoRA baselines freeze the magnitudes.
+  recompile the step. Plain-LoRA baselines freeze the magnitudes; a linear
+  probe freezes every adapter leaf (only the head trains).
   """
   sgd = optax.inject_hyperparams(
       optim.optimizer, static_args=("momentum", "weight_decay"))(
       learning_rate=0.0, momentum=momentum, weight_decay=weight_decay)
-  if train_magnitudes:
+  if train_magnitudes and train_adapters:
     return sgd
   def labels(tree):
     out = jax.tree.map(lambda _: "train", tree)
-    out["adapters"]["magnitudes"] = jax.tree.map(
-        lambda _: "freeze", tree["adapters"]["magnitudes"])
+    frozen = list(tree["adapters"]) if not train_adapters else ["magnitudes"]
+    for key in frozen:
+      out["adapters"][key] = jax.tree.map(lambda _: "freeze",
+                                          tree["adapters"][key])
     return out
   return optax.partition({"train": sgd, "freeze": optax.set_to_zero()}, labels)
 
