@@ -1,12 +1,15 @@
 """The one entry point: runs a class-incremental experiment from a config.
 
   python -m experiments.run                       # the embedded offline demo
+  python -m experiments.run --config.method=all   # every method, one table
   python -m experiments.run --config=experiments/configs/imagenet_r_10.py \
       --config.model.checkpoint=/path/model.safetensors --workdir=runs/inr10
 
 Rerunning with the same ``--workdir`` resumes from the latest checkpoint.
-Problems a user can fix (bad flags or config keys, data, workdir, weights)
-end the run with one line ``error: ...`` on stderr and exit code 2.
+Problems a user can fix (a missing or broken config file, bad flags, config
+keys or values, data, workdir, weights) end the run with one line
+``error: ...`` on stderr and exit code 2. Library logs stay at WARNING unless
+``--verbosity=1``.
 """
 
 import difflib
