@@ -19,22 +19,31 @@ the magnitudes train. `apply_with_adapters` runs the same function without it:
   what task 0 of a 1-slot run costs.
 
 Values and gradients equal those of ``apply_fn(apply_adapters(params, a))``
-(tested). The hook is Flax Linen method interception, so the model code stays
-unaware of adapters; the targets must be kernels of Linen modules whose
-``__call__`` contracts the trailing ``in_dims`` axes of the input (``nn.Dense``,
-``nn.DenseGeneral`` with trailing axes). Anything else raises a clear error at
-trace time; the weight form (`apply_adapters`) works for any model.
+(tested). The model code stays unaware of adapters: Linen modules are hooked
+by Flax method interception (found by path), NNX's ``Linear``,
+``LinearGeneral`` and ``Einsum`` layers by wrapping their ``__call__`` while
+``apply_fn`` runs (found by their kernel). Each target's layer must contract
+the kernel's leading ``in_dims`` axes with input axes and keep its other axes
+as outputs (``Dense``, ``DenseGeneral``/``LinearGeneral`` on any axes,
+``Einsum`` such as ``'btd,dhk->bthk'``); anything else raises a clear error
+at trace time, and the weight form (`apply_adapters`) works for any model.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import functools
+import threading
 from typing import Any, Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from slora_jax import adapters as ad_lib
+from slora_jax import targets as targets_lib
 
 __all__ = ["apply_with_adapters", "stored_delta", "magnitude_cotangent"]
 
@@ -210,12 +219,73 @@ def _tap_bwd(cols, res, g):
 _tap.defvjp(_tap_fwd, _tap_bwd)
 
 
+# --- where the adapted maps are called -----------------------------------------
+#
+# Linen has method interception (`nn.intercept_methods`) and module paths that
+# are the parameter paths. NNX has neither: its linear layers are wrapped for
+# the duration of the call, and a layer is recognised by its kernel, which is
+# the very array `apply_fn` received (nnx.merge puts it into the Param as is).
+
+_NNX_HOOK: contextvars.ContextVar = contextvars.ContextVar(
+    "slora_jax_nnx_hook", default=None)
+_NNX_LOCK = threading.Lock()
+_NNX_USERS = 0
+
+
+def _nnx_layers():
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  return (nnx.Linear, nnx.LinearGeneral, nnx.Einsum)
+
+
+def _hooked(call):
+  @functools.wraps(call)
+  def wrapper(self, *args, **kwargs):
+    y = call(self, *args, **kwargs)
+    hook = _NNX_HOOK.get()
+    return y if hook is None else hook(self, args, kwargs, y)
+  wrapper.slora_jax_original = call
+  return wrapper
+
+
+@contextlib.contextmanager
+def _nnx_interception(hook):
+  """Runs ``hook(module, args, kwargs, y)`` after every NNX linear layer call
+  in this context (thread- and nesting-safe: the wrappers stay installed
+  while any context is open and call the hook of their own context only)."""
+  global _NNX_USERS
+  layers = _nnx_layers()
+  with _NNX_LOCK:
+    if _NNX_USERS == 0:
+      for cls in layers:
+        cls.__call__ = _hooked(cls.__dict__["__call__"])
+    _NNX_USERS += 1
+  token = _NNX_HOOK.set(hook)
+  try:
+    yield
+  finally:
+    _NNX_HOOK.reset(token)
+    with _NNX_LOCK:
+      _NNX_USERS -= 1
+      if _NNX_USERS == 0:
+        for cls in layers:
+          cls.__call__ = cls.__dict__["__call__"].slora_jax_original
+
+
 def _module_key(path: str) -> str:
   """The Linen module path owning kernel leaf ``path`` (``params/`` dropped)."""
   parts = path.split("/")
   if parts[0] == "params":
     parts = parts[1:]
   return "/".join(parts[:-1])
+
+
+def _kernel_value(module):
+  kernel = getattr(module, "kernel", None)
+  return kernel.get_value() if hasattr(kernel, "get_value") else kernel
+
+
+def _inputs(args, kwargs):
+  return args[0] if args else kwargs["inputs"]
 
 
 def apply_with_adapters(apply_fn: Callable[..., Any], params: Any,
@@ -225,21 +295,71 @@ def apply_with_adapters(apply_fn: Callable[..., Any], params: Any,
 
   Same value and gradients (w.r.t. ``adapters.trainable``) as
   ``apply_fn(apply_adapters(params, adapters), *args, **kwargs)``, without
-  forming the adapted kernels' gradients. ``apply_fn`` must run a Flax Linen
-  model whose module paths are the targets' paths (e.g.
-  ``lambda p, x: model.apply({'params': p}, x)``).
+  forming the adapted kernels' gradients. ``apply_fn`` runs a Flax model on
+  the parameters it is given:
+
+  * Linen: ``lambda p, x: model.apply({'params': p}, x)``; the targets'
+    modules are found by path (``Dense``, ``DenseGeneral``, ``Einsum`` and
+    any module whose ``__call__`` contracts the input's trailing axes);
+  * NNX: ``lambda s, x: nnx.merge(graphdef, s)(x)``; ``nnx.Linear``,
+    ``nnx.LinearGeneral`` and ``nnx.Einsum`` layers are found by their kernel
+    (so ``apply_fn`` must not re-trace them, e.g. through ``nnx.jit``).
 
   Raises:
-    ValueError: at trace time, if a target's module was never called, or
-      its input/output shapes do not fit a trailing-axes linear map.
+    ValueError: at trace time, if a target's layer was never called, or its
+      contraction is not a linear map of the target's ``in_dims`` input axes.
   """
+  spec = adapters.spec
+  base, tap_state = _prepare(params, adapters)
+  by_path: dict[str, list] = {}
+  for t in spec.targets:
+    by_path.setdefault(t.path, []).append(t)
+  by_module = {_module_key(p): p for p in by_path}
+  by_kernel = {id(leaf): (leaf, targets_lib.leaf_path(p)) for p, leaf in
+               jax.tree_util.tree_leaves_with_path(base)
+               if targets_lib.leaf_path(p) in by_path}
+  called: set[str] = set()
+
+  def tap(path, module, call_args, call_kwargs, y):
+    called.add(path)
+    return _tap_call(by_path[path], module, call_args, call_kwargs, y,
+                     tap_state)
+
+  def linen_hook(next_fun, f_args, f_kwargs, context):
+    y = next_fun(*f_args, **f_kwargs)
+    path = by_module.get("/".join(str(p) for p in context.module.path))
+    if context.method_name != "__call__" or path is None:
+      return y
+    return tap(path, context.module, f_args, f_kwargs, y)
+
+  def nnx_hook(module, call_args, call_kwargs, y):
+    value, path = by_kernel.get(id(_kernel_value(module)), (None, None))
+    if value is None or value is not _kernel_value(module):
+      return y
+    return tap(path, module, call_args, call_kwargs, y)
+
+  with nn.intercept_methods(linen_hook), _nnx_interception(nnx_hook):
+    out = apply_fn(base, *args, **kwargs)
+  missing = sorted(set(by_path) - called)
+  if missing:
+    raise ValueError(
+        f"apply_with_adapters: the layer(s) owning adapter targets {missing} "
+        f"were never called by apply_fn. It must run a Linen model whose "
+        f"module paths match the parameter paths, or an NNX model built by "
+        f"nnx.merge from the parameters it receives, whose targets are "
+        f"nnx.Linear/LinearGeneral/Einsum kernels; use the weight form "
+        f"(apply_adapters) otherwise")
+  return out
+
+
+def _prepare(params, adapters):
+  """The kernels holding the whole ΔW with no gradient path, and what the
+  taps need to give the adapters their gradients."""
   spec = adapters.spec
   adapters = adapters.replace(frozen=jax.lax.stop_gradient(adapters.frozen))
   frozen = adapters.frozen
   n = frozen["num_stored"]
   coefs = ad_lib.slot_coefficients(adapters)
-
-  by_module: dict[str, list] = {}
   sg = jax.lax.stop_gradient
   deltas, current = {}, {}
   for t in spec.targets:
@@ -250,49 +370,86 @@ def apply_with_adapters(apply_fn: Callable[..., Any], params: Any,
     deltas[t.name] = stored_delta(
         sg(coefs[t.name]), prev["A"], prev["B"], n,
         init=ad_lib.current_delta(sg(cur["A"]), sg(cur["B"]), sg(scale)))
-    by_module.setdefault(_module_key(t.path), []).append(t)
   # The whole ΔW folded into the kernels as a constant to autodiff: the
   # model's backward pass then costs what the plain model's does, and `_tap`
   # supplies the adapters' gradients.
   base = ad_lib.apply_deltas(params, spec, deltas)
-
-  called: set[str] = set()
-
-  def interceptor(next_fun, f_args, f_kwargs, context):
-    if context.method_name != "__call__":
-      return next_fun(*f_args, **f_kwargs)
-    key = "/".join(str(p) for p in context.module.path)
-    tgts = by_module.get(key)
-    if not tgts:
-      return next_fun(*f_args, **f_kwargs)
-    y = next_fun(*f_args, **f_kwargs)
-    called.add(key)
-    return _tap_module(tgts, f_args[0], y, current, coefs, frozen, n)
-
-  with nn.intercept_methods(interceptor):
-    out = apply_fn(base, *args, **kwargs)
-  missing = sorted(set(by_module) - called)
-  if missing:
-    raise ValueError(
-        f"apply_with_adapters: the Linen module(s) {missing} owning adapter "
-        f"targets were never called by apply_fn; is it a Linen model whose "
-        f"module paths match the parameter paths? Use the weight form "
-        f"(apply_adapters) otherwise")
-  return out
+  return base, (current, coefs, frozen, n)
 
 
-def _tap_module(tgts, x, y, current, coefs, frozen, n):
+# --- the layer's contraction as a (N, d_in) -> (N, d_out) map ------------------
+
+def _unsupported(path, why):
+  return ValueError(f"apply_with_adapters: {path}: {why}; use the weight form "
+                    f"(apply_adapters)")
+
+
+def _einsum_perms(eq, x_ndim, in_dims, path):
+  """Axis orders that make ``einsum(eq, x, kernel)`` a product of
+  ``x (..., kernel inputs)`` with the kernel's ``(d_in, d_out)`` view."""
+  eq = eq.replace(" ", "")
+  lhs, rest = eq.split(",")
+  rhs, out = rest.split("->")
+  if "..." in rhs:
+    raise _unsupported(path, f"einsum {eq!r} has an ellipsis on the kernel")
+  if "..." in lhs:
+    spare = [c for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZ" if c not in eq]
+    fill = "".join(spare[:x_ndim - len(lhs) + 3])
+    lhs, out = lhs.replace("...", fill), out.replace("...", fill)
+  k_in, k_out = rhs[:in_dims], rhs[in_dims:]
+  free = [c for c in lhs if c not in rhs]
+  ok = (set(k_in) <= set(lhs) and not set(k_in) & set(out)
+        and not set(k_out) & set(lhs) and sorted(out) == sorted(free + list(k_out))
+        and len(set(lhs)) == len(lhs) and len(set(rhs)) == len(rhs))
+  if not ok:
+    raise _unsupported(
+        path, f"einsum {eq!r} is not a product of the input with the kernel's "
+        f"first {in_dims} axis/axes as inputs and the rest as outputs")
+  return ([lhs.index(c) for c in free + list(k_in)],
+          [out.index(c) for c in free + list(k_out)])
+
+
+def _layer_perms(module, call_args, call_kwargs, x, path, in_dims):
+  """(x axis order, y axis order) putting the contracted input axes and the
+  kernel's output axes last, in kernel order."""
+  eq = call_kwargs.get("einsum_str")
+  if eq is None and len(call_args) > 1 and isinstance(call_args[1], str):
+    eq = call_args[1]
+  eq = eq or getattr(module, "einsum_str", None)
+  if eq:
+    return _einsum_perms(eq, x.ndim, in_dims, path)
+  if getattr(module, "batch_dims", None) or getattr(module, "batch_axis", None):
+    raise _unsupported(path, "a layer with batch dimensions is not one map")
+  # Dense, Linear and unknown modules: the trailing ``in_dims`` axes.
+  axis = getattr(module, "axis", tuple(range(x.ndim - in_dims, x.ndim)))
+  axis = tuple(a % x.ndim for a in ((axis,) if isinstance(axis, int) else axis))
+  if len(axis) != in_dims:
+    raise _unsupported(path, f"the layer contracts {len(axis)} input axis/axes "
+                       f"but the target has in_dims={in_dims}")
+  return [a for a in range(x.ndim) if a not in axis] + list(axis), None
+
+
+def _tap_call(tgts, module, call_args, call_kwargs, y, tap_state):
+  """The layer's output ``y`` through `_tap`, seen as a map (N, d_in) ->
+  (N, d_out) of its contracted input axes (a transposition where needed)."""
+  current, coefs, frozen, n = tap_state
   t0 = tgts[0]
-  lead = x.shape[:x.ndim - t0.in_dims]
-  if (x.shape[len(lead):] != t0.kernel_shape[:t0.in_dims]
-      or y.shape != lead + t0.kernel_shape[t0.in_dims:]):
-    raise ValueError(
-        f"apply_with_adapters: {t0.path} maps {x.shape} to {y.shape}, which "
-        f"is not a linear map on the trailing {t0.in_dims} axis/axes with "
-        f"kernel {t0.kernel_shape}; use the weight form (apply_adapters)")
-  x2 = x.reshape(-1, t0.d_in)
+  x = _inputs(call_args, call_kwargs)
+  x_perm, y_perm = _layer_perms(module, call_args, call_kwargs, x, t0.path,
+                                t0.in_dims)
+  y_perm = y_perm or list(range(y.ndim))
+  xt = x if x_perm == sorted(x_perm) else jnp.transpose(x, x_perm)
+  yt = y if y_perm == sorted(y_perm) else jnp.transpose(y, y_perm)
+  lead = xt.shape[:xt.ndim - t0.in_dims]
+  if (xt.shape[len(lead):] != t0.kernel_shape[:t0.in_dims]
+      or yt.shape != lead + t0.kernel_shape[t0.in_dims:]):
+    raise _unsupported(
+        t0.path, f"the layer maps {x.shape} to {y.shape}, which is not a "
+        f"linear map of {t0.in_dims} input axis/axes with kernel "
+        f"{t0.kernel_shape}")
   cols = tuple(t.cols for t in tgts)
   cur = tuple(current[t.name] for t in tgts)
   stored = tuple((coefs[t.name], frozen["previous"][t.name]["A"],
                   frozen["previous"][t.name]["B"]) for t in tgts)
-  return _tap(cols, y, x2, cur, stored, n)
+  out = _tap(cols, yt, xt.reshape(-1, t0.d_in), cur, stored, n)
+  return out if yt is y else jnp.transpose(out, np.argsort(y_perm))

@@ -97,6 +97,8 @@ def init_adapters(params: Any, rules, *, capacity: int, max_rank: int,
   rules = tuple(rules)
   if rules and all(isinstance(r, targets_lib.Target) for r in rules):
     tgts = rules
+    if params is not None:
+      targets_lib.check_targets(params, tgts)
   else:
     tgts = targets_lib.find_targets(params, rules)
   spec = AdapterSpec(tgts, capacity, max_rank, policy or policy_lib.reference())
@@ -272,9 +274,8 @@ def apply_deltas(params: Any, spec: AdapterSpec,
   for t in spec.targets:
     by_path.setdefault(t.path, []).append(t)
   kernels = _leaves_by_path(params, by_path)
-  missing = sorted(set(by_path) - set(kernels))
-  if missing:
-    raise KeyError(f"adapter targets not found in params: {missing}")
+  if set(by_path) - set(kernels):
+    targets_lib.check_targets(params, spec.targets)   # names what is missing
   updates = {}
   for path, tgts in by_path.items():
     w0 = kernels[path]

@@ -11,15 +11,17 @@ paths end in ``/value``; that suffix is ignored).
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import re
 from typing import Any, Sequence
 
 import jax
+import numpy as np
 
 __all__ = [
     "Target", "Rule", "kernel", "fused_slices", "find_targets",
-    "leaf_path", "vit_qv_rules",
+    "leaf_path", "vit_qv_rules", "nearest_paths", "check_targets",
 ]
 
 
@@ -101,45 +103,98 @@ def _natural_key(s: str):
   return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]
 
 
+def _describe(rule: Rule) -> str:
+  if rule.parts == 1:
+    extra = f", in_dims={rule.in_dims}" if rule.in_dims != 1 else ""
+    return f"kernel({rule.pattern!r}{extra})"
+  return (f"fused_slices({rule.pattern!r}, parts={rule.parts}, "
+          f"take={rule.take!r})")
+
+
+def _cut(name: str, shape: tuple[int, ...], rule: Rule) -> list[Target] | str:
+  """The targets ``rule`` makes of leaf ``name``, or why it cannot."""
+  if len(shape) <= rule.in_dims:
+    return (f"{name} has shape {shape}: no output axis after its first "
+            f"{rule.in_dims} input axis/axes, so it is no 2-D kernel")
+  if rule.parts == 1:
+    return [Target(name, name, shape, rule.in_dims)]
+  width = math.prod(shape[rule.in_dims:])
+  if width % rule.parts:
+    return (f"{name} has {width} output features, which do not split into "
+            f"{rule.parts} equal parts")
+  step = width // rule.parts
+  bad = [i for i, _ in rule.take if not 0 <= i < rule.parts]
+  if bad:
+    return f"take indices {bad} are outside the {rule.parts} parts"
+  return [Target(f"{name}[{part}]", name, shape, rule.in_dims,
+                 (idx * step, (idx + 1) * step)) for idx, part in rule.take]
+
+
 def find_targets(params: Any, rules: Sequence[Rule]) -> tuple[Target, ...]:
   """Lists the targets that ``rules`` select in ``params``, in block order.
 
-  The first matching rule wins for each leaf. Raises ValueError if a rule
-  matches nothing or a fused kernel does not split evenly.
+  The first matching rule wins for each leaf.
+
+  Raises:
+    ValueError: one error listing every rule that is not a valid regex,
+      matches no parameter, or matches a leaf it cannot cut into 2-D maps
+      (no output axis, a fused width that does not split), each with the
+      nearest parameter paths.
   """
-  compiled = [(re.compile(r.pattern), r) for r in rules]
-  used = [False] * len(rules)
-  found = []
-  for path, leaf in jax.tree_util.tree_leaves_with_path(params):
-    name = leaf_path(path)
-    for i, (rx, rule) in enumerate(compiled):
-      if not rx.fullmatch(name):
-        continue
-      used[i] = True
-      shape = tuple(leaf.shape)
-      if len(shape) <= rule.in_dims:
-        raise ValueError(
-            f"{name}: shape {shape} has no output axis for in_dims={rule.in_dims}")
-      if rule.parts == 1:
-        found.append(Target(name, name, shape, rule.in_dims))
-      else:
-        width = math.prod(shape[rule.in_dims:])
-        if width % rule.parts:
-          raise ValueError(f"{name}: {width} output features do not split into "
-                           f"{rule.parts} equal parts")
-        step = width // rule.parts
-        for idx, part in rule.take:
-          found.append(Target(f"{name}[{part}]", name, shape, rule.in_dims,
-                              (idx * step, (idx + 1) * step)))
-      break
-  missing = [r.pattern for r, u in zip(rules, used) if not u]
-  if missing:
-    raise ValueError(f"target rule(s) {missing} matched no parameter; paths look "
-                     f"like {_example_paths(params)}")
+  compiled, problems = [], []
+  for r in rules:
+    try:
+      compiled.append((re.compile(r.pattern), r))
+    except re.error as e:
+      problems.append(f"{_describe(r)}: not a valid regular expression ({e})")
+  leaves = [(leaf_path(p), tuple(np.shape(x)))
+            for p, x in jax.tree_util.tree_leaves_with_path(params)]
+  used, found = set(), []
+  for name, shape in leaves:
+    for rx, rule in compiled:
+      if rx.fullmatch(name):
+        used.add(id(rule))
+        cut = _cut(name, shape, rule)
+        if isinstance(cut, str):
+          problems.append(f"{_describe(rule)} matches {cut}; nearest kernels: "
+                          f"{nearest_paths(rule.pattern, leaves)}")
+        else:
+          found.extend(cut)
+        break
+  for rx, rule in compiled:
+    if id(rule) not in used:
+      problems.append(f"{_describe(rule)} matched no parameter; nearest "
+                      f"paths: {nearest_paths(rule.pattern, leaves)}")
+  if problems:
+    raise ValueError("adapter targets: " + "; ".join(problems))
   found.sort(key=lambda t: (_natural_key(t.path), t.cols or (0, 0)))
   return tuple(found)
 
 
-def _example_paths(params, n: int = 4) -> list[str]:
-  leaves = jax.tree_util.tree_leaves_with_path(params)
-  return [leaf_path(p) for p, _ in leaves[:n]]
+def nearest_paths(pattern: str, leaves, n: int = 3) -> list[str]:
+  """The ``n`` leaf paths most like ``pattern`` (its regex syntax dropped),
+  2-D-able kernels first. ``leaves`` is a tree or ``(path, shape)`` pairs."""
+  if not isinstance(leaves, list):
+    leaves = [(leaf_path(p), tuple(np.shape(x)))
+              for p, x in jax.tree_util.tree_leaves_with_path(leaves)]
+  plain = re.sub(r"\\[dDwWsS]|[\\^$.|?*+()\[\]{}]", "", pattern)
+  kernels = [p for p, shape in leaves if len(shape) >= 2] or [p for p, _ in leaves]
+  return difflib.get_close_matches(plain, kernels, n=n, cutoff=0.0)
+
+
+def check_targets(params: Any, targets: Sequence[Target]) -> None:
+  """Raises ValueError unless every target's kernel is in ``params`` with
+  its shape (e.g. adapters saved for another model), naming the nearest."""
+  shapes = {leaf_path(p): tuple(np.shape(x))
+            for p, x in jax.tree_util.tree_leaves_with_path(params)}
+  problems = []
+  for t in targets:
+    if t.path not in shapes:
+      problems.append(f"{t.path} does not exist; nearest paths: "
+                      f"{nearest_paths(t.path, list(shapes.items()))}")
+    elif shapes[t.path] != t.kernel_shape:
+      problems.append(f"{t.path} has shape {shapes[t.path]}, the adapters "
+                      f"expect {t.kernel_shape}")
+  if problems:
+    raise ValueError("adapter targets do not fit these parameters: "
+                     + "; ".join(dict.fromkeys(problems)))
