@@ -64,7 +64,7 @@ def _model() -> ml_collections.ConfigDict:
 
 def _data() -> ml_collections.ConfigDict:
   d = ml_collections.ConfigDict()
-  d.source = "folder"       # folder | tfds | idx | synthetic
+  d.source = "folder"       # folder | tfds | idx | renditions | synthetic
   d.name = ""
   d.root = ""               # image folders / IDX files
   d.data_dir = ""           # TFDS data_dir
@@ -85,6 +85,10 @@ def _data() -> ml_collections.ConfigDict:
   d.prefetch = 2
   d.synthetic = ml_collections.ConfigDict(dict(
       num_classes=10, train_per_class=200, test_per_class=100, seed=0))
+  # data.source='renditions': Fashion-MNIST-R over the IDX files in data.root.
+  d.renditions = ml_collections.ConfigDict(dict(
+      styles=("inverted", "edges", "texture", "elastic", "sketch"),
+      classes="garment", skip_train=0))
   return d
 
 

@@ -20,7 +20,7 @@ from slora_jax.models import vit as vit_lib
 from slora_jax.runner import methods as methods_lib
 
 __all__ = ["ConfigError", "PretrainSettings", "ModelSettings", "SyntheticSettings",
-           "DataSettings", "AdapterSettings", "TrainSettings",
+           "RenditionSettings", "DataSettings", "AdapterSettings", "TrainSettings",
            "CheckpointSettings", "Experiment", "from_config", "section_json"]
 
 
@@ -82,9 +82,17 @@ class SyntheticSettings:
 
 
 @dataclasses.dataclass(frozen=True)
+class RenditionSettings:
+  """Fashion-MNIST-R (`data.source='renditions'`, data/sources/renditions.py)."""
+  styles: tuple[str, ...]
+  classes: str                # 'garment' | 'pair' (garment, style)
+  skip_train: int             # training images left out (the backbone's)
+
+
+@dataclasses.dataclass(frozen=True)
 class DataSettings:
   """Where the images come from, how they are split into tasks and read."""
-  source: str                 # 'idx' | 'folder' | 'tfds' | 'synthetic'
+  source: str                 # idx | renditions | folder | tfds | synthetic
   name: str
   root: str
   data_dir: str               # TFDS data_dir ('' : TFDS's default)
@@ -104,6 +112,7 @@ class DataSettings:
   num_workers: int
   prefetch: int
   synthetic: SyntheticSettings
+  renditions: RenditionSettings
 
   @property
   def test_resize(self) -> int:
