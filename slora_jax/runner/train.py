@@ -16,9 +16,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
-import logging
+import functools
 import math
 import os
+import sys
 import time
 
 import jax
@@ -30,6 +31,7 @@ from slora_jax.runner import checkpoint as ckpt_lib
 from slora_jax.runner import config as config_lib
 from slora_jax.runner import errors
 from slora_jax.runner import faults
+from slora_jax.runner import interrupt
 from slora_jax.runner import metrics
 from slora_jax.runner import parallel
 from slora_jax.runner import progress as progress_lib
@@ -48,8 +50,9 @@ def train_and_evaluate(exp: config_lib.Experiment, workdir: str) -> list[dict]:
   """
   parallel.maybe_initialize_distributed(exp.distributed)
   config_json = os.path.join(workdir, "config.json")
-  return [run_seed(exp, int(seed), os.path.join(workdir, f"seed_{seed}"),
-                   config_json) for seed in exp.seeds]
+  with interrupt.handling_signals():
+    return [run_seed(exp, int(seed), os.path.join(workdir, f"seed_{seed}"),
+                     config_json) for seed in exp.seeds]
 
 
 def run_seed(exp: config_lib.Experiment, seed: int, workdir: str,
@@ -67,11 +70,15 @@ def run_seed(exp: config_lib.Experiment, seed: int, workdir: str,
     state = restore_or_start(session)
     if config_json and jax.process_index() == 0:
       results_lib.write_json(config_json, exp.raw)
-    for t in range(state.cursor.task, session.num_phases):
-      state, timing = train_task(session, state, t)
-      record = evaluate_task(session, state, t, timing)
-      state = finish_task(session, state, record)
-    return finish_run(session, state)
+    with interrupt.deferred():  # SIGINT/SIGTERM: stop at a step, saved
+      for t in range(state.cursor.task, session.num_phases):
+        state, timing = train_task(session, state, t)
+        record = evaluate_task(session, state, t, timing)
+        state = finish_task(session, state, record)
+        if t + 1 < session.num_phases:
+          _stop_if_requested(session, state, f"the end of task {t + 1}/"
+                             f"{session.num_phases}")
+      return finish_run(session, state)
 
 
 @contextlib.contextmanager
@@ -118,8 +125,11 @@ def restore_or_start(s: Session) -> Progress:
                            frozen=restored["frozen"]),
         restored["head"], restored["opt_state"], cursor,
         done=tuple(saved["done"]), last_saved=cursor)
-    logging.info("resuming at task %d step %d (%s)", cursor.task, cursor.step,
-                 "in task" if cursor.begun else "between tasks")
+    # A status line, on stderr with the library's warnings: the report on
+    # stdout reads the same whether or not the run was resumed.
+    print(f"resuming at task {cursor.task} step {cursor.step} ("
+          f"{'in task' if cursor.begun else 'between tasks'}) from "
+          f"{s.ckpt.directory}", file=sys.stderr, flush=True)
     faults.point("restore")
   adapters, head = parallel.replicate((state.adapters, state.head), s.mesh)
   return dataclasses.replace(state, adapters=adapters, head=head)
@@ -158,6 +168,25 @@ def save(s: Session, state: Progress, cursor: Cursor) -> Progress:
                      "fingerprint": s.fingerprint,
                      "rank": state.adapters.rank, "done": list(state.done)})
   return dataclasses.replace(state, cursor=cursor, last_saved=cursor)
+
+
+def _stop_if_requested(s: Session, state: Progress, where: str,
+                       cursor: Cursor | None = None, check=None) -> None:
+  """Saves at ``cursor`` and raises `Interrupted` if a process got a signal.
+
+  Every process calls it at the same places, so they agree on the step.
+  ``check``: run before the save (the NaN check of the last step).
+  """
+  signum = interrupt.requested(s.mesh)
+  if signum is None:
+    return
+  if cursor is not None and state.last_saved != cursor:
+    if check is not None:
+      check()
+    save(s, state, cursor)
+  if s.writer:
+    s.writer.flush()
+  raise interrupt.Interrupted(signum, where)
 
 
 # --- one task -----------------------------------------------------------------
@@ -221,6 +250,11 @@ def train_task(s: Session, state: Progress, t: int):
       if (step + 1) % s.exp.checkpoint.every_steps == 0 and step + 1 < total:
         _check_step(s, state, m, t, step)                 # no NaN is saved
         state = save(s, state, Cursor(t, step + 1, True))
+      if step + 1 < total:  # the last step's state is saved below anyway
+        _stop_if_requested(
+            s, state, f"task {t + 1}/{s.num_phases}, step {step + 1}/{total}",
+            Cursor(t, step + 1, True),
+            functools.partial(_check_step, s, state, m, t, step))
     if prev is not None:
       _check_step(s, state, prev, t, total - 1, bar)
   bar.close()
@@ -239,6 +273,8 @@ def evaluate_task(s: Session, state: Progress, t: int, timing: dict) -> dict:
                     eval_hi, s.task_of_class)
     counts = c if counts is None else jax.tree.map(jnp.add, counts, c)
     faults.point("eval_step")
+    # Evaluation restarts on resume from the checkpoint of the trained task.
+    _stop_if_requested(s, state, f"task {t + 1}/{s.num_phases}, evaluation")
   counts = jax.tree.map(lambda x: np.asarray(x).round().astype(np.int64), counts)
   n = s.data.eval_tasks(t)
   ev = metrics.evaluate_counts(counts["top1"][:n], counts["count"][:n],
