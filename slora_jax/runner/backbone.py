@@ -26,11 +26,10 @@ import os
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 
 from slora_jax.runner import config as config_lib
+from slora_jax.runner import pretrain
 from slora_jax.runner import results as results_lib
 from slora_jax.models import convert
 from slora_jax.models import vit as vit_lib
@@ -83,9 +82,11 @@ _PRETRAIN_TASKS = ("rotation", "patterns")
 
 
 def _cache_key(cfg: vit_lib.ViTConfig, p, data_desc: str) -> str:
+  # "version" changes whenever the pre-training itself changes (3: the shared
+  # `pretrain.fit` loop), so an old cached file is never taken for a new one.
   desc = json.dumps({"vit": {k: str(v) for k, v in vars(cfg).items()},
-                     "pretrain": dataclasses.asdict(p), "data": data_desc, "version": 2},
-                    sort_keys=True)
+                     "pretrain": dataclasses.asdict(p), "data": data_desc,
+                     "version": 3}, sort_keys=True)
   return hashlib.sha256(desc.encode()).hexdigest()[:16]
 
 
@@ -148,47 +149,11 @@ def synthetic_pretrain(cfg: vit_lib.ViTConfig, p, cache_dir: str | None = None,
   logging.info("read %d pre-training images in %.1f s", len(images),
                time.perf_counter() - t0)
 
-  model = vit_lib.VisionTransformer(cfg)
-  key = jax.random.key(p.seed)
-  params = vit_lib.init_params(cfg, key)
-  head = {"kernel": jnp.zeros((cfg.width, n_out)),
-          "bias": jnp.zeros((n_out,))}
-  tx = optax.adamw(optax.warmup_cosine_decay_schedule(
-      0.0, p.lr, max(1, p.steps // 10), p.steps), weight_decay=0.05)
-  tree = {"vit": params, "head": head}
-  opt_state = tx.init(tree)
-
-  @jax.jit
-  def step(tree, opt_state, x, y, rng):
-    flip = jax.random.bernoulli(rng, 0.5, (x.shape[0], 1, 1, 1))
-    x = jnp.where(flip, x[:, :, ::-1], x)
-    if task == "rotation":
-      # Rotate each image by y·90°; a flip before it keeps y identifiable.
-      x = jnp.select([y[:, None, None, None] == k for k in range(4)],
-                     [jnp.rot90(x, k, axes=(1, 2)) for k in range(4)])
-
-    def loss_fn(tree):
-      f = model.apply({"params": tree["vit"]}, x)
-      logits = f @ tree["head"]["kernel"] + tree["head"]["bias"]
-      return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-
-    loss, g = jax.value_and_grad(loss_fn)(tree)
-    upd, opt_state = tx.update(g, opt_state, tree)
-    return optax.apply_updates(tree, upd), opt_state, loss
-
-  rng = np.random.default_rng(p.seed)
-  t0, loss = time.perf_counter(), float("nan")
-  for s in range(p.steps):
-    idx = rng.integers(0, len(images), p.batch_size)
-    y = (rng.integers(0, 4, p.batch_size).astype(np.int32) if labels is None
-         else labels[idx])
-    tree, opt_state, loss = step(tree, opt_state, images[idx], y,
-                                 jax.random.fold_in(key, s))
-    if (s + 1) % max(1, p.steps // 5) == 0:
-      print(f"  pre-training step {s + 1}/{p.steps}: loss {float(loss):.3f} "
-            f"({time.perf_counter() - t0:.0f} s)", flush=True)
+  params, _ = pretrain.fit(cfg, images, labels, num_outputs=n_out,
+                           steps=p.steps, batch_size=p.batch_size, lr=p.lr,
+                           seed=p.seed, log=lambda m: print(m, flush=True))
   tmp = f"{path}.tmp{os.getpid()}"
-  convert.save_timm_safetensors(jax.device_get(tree["vit"]), tmp, cfg)
+  convert.save_timm_safetensors(params, tmp, cfg)
   os.replace(tmp, path)
   return path
 
