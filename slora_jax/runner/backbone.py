@@ -149,9 +149,10 @@ def synthetic_pretrain(cfg: vit_lib.ViTConfig, p, cache_dir: str | None = None,
   logging.info("read %d pre-training images in %.1f s", len(images),
                time.perf_counter() - t0)
 
-  params, _ = pretrain.fit(cfg, images, labels, num_outputs=n_out,
-                           steps=p.steps, batch_size=p.batch_size, lr=p.lr,
-                           seed=p.seed, log=lambda m: print(m, flush=True))
+  params, _, _ = pretrain.fit(cfg, images, labels, num_outputs=n_out,
+                              steps=p.steps, batch_size=p.batch_size,
+                              lr=p.lr, seed=p.seed,
+                              log=lambda m: print(m, flush=True))
   tmp = f"{path}.tmp{os.getpid()}"
   convert.save_timm_safetensors(params, tmp, cfg)
   os.replace(tmp, path)

@@ -44,12 +44,12 @@ def _rotate(x, y):
 def fit(cfg: vit_lib.ViTConfig, images: np.ndarray, labels: np.ndarray | None,
         *, num_outputs: int, steps: int, batch_size: int, lr: float, seed: int,
         shift: int = 0, weight_decay: float = 0.05,
-        log: Callable[[str], None] = print) -> tuple[dict, float]:
+        log: Callable[[str], None] = print) -> tuple[dict, dict, float]:
   """Trains ``cfg`` to classify ``images`` (float in [0, 1], NHWC).
 
   With ``labels=None`` the task is rotation prediction (4 outputs). Returns
-  the ViT parameters (host arrays) and the training accuracy over the last
-  fifth of the steps.
+  the ViT parameters and the head (host arrays), and the training accuracy
+  over the last fifth of the steps.
   """
   model = vit_lib.VisionTransformer(cfg)
   key = jax.random.key(seed)
@@ -89,4 +89,5 @@ def fit(cfg: vit_lib.ViTConfig, images: np.ndarray, labels: np.ndarray | None,
     if (s + 1) % max(1, steps // 5) == 0:
       log(f"  pre-training step {s + 1}/{steps}: loss {float(loss):.3f} "
           f"({time.perf_counter() - t0:.0f} s)")
-  return jax.device_get(tree["vit"]), 100 * float(np.mean(jax.device_get(accs)))
+  tree = jax.device_get(tree)
+  return tree["vit"], tree["head"], 100 * float(np.mean(jax.device_get(accs)))
