@@ -10,6 +10,12 @@ Problems a user can fix (a missing or broken config file, bad flags, config
 keys or values, data, workdir, weights) end the run with one line
 ``error: ...`` on stderr and exit code 2. Library logs stay at WARNING unless
 ``--verbosity=1``.
+
+SIGINT (Ctrl-C) and SIGTERM (preemption) stop the run after its current step
+with a checkpoint at that step, one line ``interrupted (SIGINT) at task 3/10,
+step 120/400; checkpoint saved; rerun the same command to resume`` on stderr
+and exit code 128 + the signal's number: 130 for SIGINT, 143 for SIGTERM, the
+codes shells and schedulers already read as "stopped by that signal".
 """
 
 import difflib
@@ -153,6 +159,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   _quiet_libraries(flags.FLAGS.verbosity)
   from slora_jax.runner import errors
+  from slora_jax.runner import interrupt
   from slora_jax.runner import sweep
 
   config_file = flags.FLAGS["config"].config_filename
@@ -161,6 +168,9 @@ def main(argv):
     sweep.run(_CONFIG.value, workdir, config_file)
   except errors.USER_ERRORS as e:
     _fail(e)
+  except interrupt.Interrupted as e:
+    print(e, file=sys.stderr, flush=True)
+    sys.exit(interrupt.exit_code(e))
 
 
 if __name__ == "__main__":

@@ -7,6 +7,10 @@ resumes. The points are named where `point` is called (slora_jax/runner/train.py
 slora_jax/runner/checkpoint.py): ``train_step``, ``checkpoint_write`` (an Orbax
 save whose temporary directory is complete on disk but not yet committed),
 ``eval_step``, ``results_written``, ``between_tasks``, ``restore``, ``final``.
+
+``SLORA_JAX_SIGNAL_AT=<point>:<n>:<SIGNAL>[,...]`` (e.g. ``train_step:3:SIGINT``)
+sends the process that signal instead, at each listed place: the interrupt
+tests' Ctrl-C and preemption at a known step.
 """
 
 from __future__ import annotations
@@ -16,36 +20,42 @@ import os
 import signal
 import sys
 
-__all__ = ["ENV", "point", "active"]
+__all__ = ["ENV", "SIGNAL_ENV", "point", "active"]
 
 ENV = "SLORA_JAX_KILL_AT"
+SIGNAL_ENV = "SLORA_JAX_SIGNAL_AT"
 
 _reached: collections.Counter = collections.Counter()
 
 
-def _target() -> tuple[str, int] | None:
+def _targets() -> list[tuple[str, int, signal.Signals]]:
+  """(point, occurrence, signal) for every armed place."""
+  out = []
   spec = os.environ.get(ENV, "")
-  if not spec:
-    return None
-  name, _, n = spec.partition(":")
-  return name, int(n or 1)
+  if spec:
+    name, _, n = spec.partition(":")
+    out.append((name, int(n or 1), signal.SIGKILL))
+  for spec in filter(None, os.environ.get(SIGNAL_ENV, "").split(",")):
+    name, n, sig = spec.split(":")
+    out.append((name, int(n), signal.Signals[sig]))
+  return out
 
 
 def active(name: str | None = None) -> bool:
-  """Whether a kill is armed (at ``name``, if given)."""
-  target = _target()
-  return target is not None and (name is None or target[0] == name)
+  """Whether a kill or signal is armed (at ``name``, if given)."""
+  return any(name is None or t[0] == name for t in _targets())
 
 
 def point(name: str) -> None:
-  """Marks a named place; SIGKILLs the process on the armed occurrence."""
-  target = _target()
-  if target is None or target[0] != name:
+  """Marks a named place; signals the process on an armed occurrence."""
+  targets = [t for t in _targets() if t[0] == name]
+  if not targets:
     return
   _reached[name] += 1
-  if _reached[name] == target[1]:
-    # Flush so the test sees how far the run got; SIGKILL skips every
-    # handler, finaliser and atexit hook, exactly like a preemption.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.kill(os.getpid(), signal.SIGKILL)
+  for _, n, sig in targets:
+    if _reached[name] == n:
+      # Flush so the test sees how far the run got; SIGKILL skips every
+      # handler, finaliser and atexit hook, exactly like a preemption.
+      sys.stdout.flush()
+      sys.stderr.flush()
+      os.kill(os.getpid(), sig)

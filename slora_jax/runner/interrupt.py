@@ -1,0 +1,122 @@
+"""SIGTERM (preemption) and SIGINT (Ctrl-C): stop at a step, saved.
+
+`handling_signals()` installs handlers for both signals. While the task loop
+runs (`deferred()`), a signal only sets a flag: the loop finishes the current
+train or evaluation step, asks `requested(mesh)` (all processes agree on one
+answer, so they stop and checkpoint at the same step), saves and raises
+`Interrupted`, which the entry point prints as one line and turns into exit
+code 128 + the signal's number (130 for Ctrl-C, 143 for SIGTERM), what shells
+and schedulers report for a process stopped by that signal. A repeated signal
+while the checkpoint is being written changes nothing (the save is never cut
+short); SIGKILL would leave the previous complete checkpoint, as always.
+Outside the loop (data checks, backbone, restore) there is nothing to save: a
+signal raises `Interrupted` at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import sys
+import threading
+
+import jax
+import numpy as np
+
+from slora_jax.runner import parallel
+
+__all__ = ["Interrupted", "handling_signals", "deferred", "requested",
+           "exit_code"]
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class Interrupted(Exception):
+  """The run stopped on a signal; ``str()`` is the line to print."""
+
+  def __init__(self, signum: int, where: str, saved: bool = True):
+    self.signum = signum
+    what = ("checkpoint saved" if saved
+            else "nothing new to save since the last checkpoint")
+    super().__init__(f"interrupted ({signal.Signals(signum).name}) at "
+                     f"{where}; {what}; rerun the same command to resume")
+
+
+def exit_code(e: Interrupted) -> int:
+  """128 + the signal number: 130 for SIGINT, 143 for SIGTERM."""
+  return 128 + e.signum
+
+
+class _State:
+  signum: int | None = None       # the first signal received
+  deferring: bool = False
+
+
+_state = _State()
+
+
+def _handler(signum, frame):  # pylint: disable=unused-argument
+  if _state.signum is not None:
+    print(f"{signal.Signals(signum).name} again: still finishing the step and "
+          "writing its checkpoint", file=sys.stderr, flush=True)
+    return
+  _state.signum = signum
+  if not _state.deferring:
+    raise Interrupted(signum, "start-up (before training)", saved=False)
+
+
+@contextlib.contextmanager
+def handling_signals():
+  """Installs the handlers (main thread only) and restores the old ones.
+
+  Installed after ``jax.distributed.initialize``, whose preemption notifier
+  would otherwise take SIGTERM. Python runs handlers in the main thread only:
+  elsewhere (a run inside a worker thread) the signals keep their handlers.
+  """
+  if threading.current_thread() is not threading.main_thread():
+    yield
+    return
+  _state.signum, _state.deferring = None, False
+  old = {s: signal.signal(s, _handler) for s in SIGNALS}
+  try:
+    yield
+  finally:
+    for s, h in old.items():
+      signal.signal(s, h)
+    _state.signum, _state.deferring = None, False
+
+
+@contextlib.contextmanager
+def deferred():
+  """Inside, a signal only sets the flag that `requested` reads."""
+  before, _state.deferring = _state.deferring, True
+  try:
+    yield
+  finally:
+    _state.deferring = before
+
+
+def signal_received() -> int | None:
+  """This process's first signal, or None."""
+  return _state.signum
+
+
+@jax.jit
+def _any(flags: jax.Array) -> jax.Array:
+  return flags.max()
+
+
+def requested(mesh) -> int | None:
+  """The signal that stops the run, agreed by every process, or None.
+
+  With several processes it is a small all-reduce over ``mesh`` (every
+  process must call it at the same step): a signal that reached one host
+  stops them all at the same step. The agreed number is the largest.
+  """
+  local = _state.signum or 0
+  if jax.process_count() > 1:
+    n = jax.local_device_count()
+    flags = parallel.global_batch({"f": np.full((n,), local, np.int32)},
+                                  mesh)["f"]
+    local = int(_any(flags))
+  return local or None
