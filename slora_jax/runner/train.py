@@ -32,6 +32,7 @@ from slora_jax.runner import config as config_lib
 from slora_jax.runner import errors
 from slora_jax.runner import faults
 from slora_jax.runner import interrupt
+from slora_jax.runner import lock
 from slora_jax.runner import metrics
 from slora_jax.runner import parallel
 from slora_jax.runner import progress as progress_lib
@@ -46,11 +47,12 @@ def train_and_evaluate(exp: config_lib.Experiment, workdir: str) -> list[dict]:
   """Runs every seed of ``exp``; returns their results payloads.
 
   ``workdir/config.json`` gets the full config once the first seed's data and
-  checkpoint are accepted (a refused run leaves the workdir as it was).
+  checkpoint are accepted (a refused run leaves the workdir as it was). A
+  second run on the same workdir is refused while this one runs.
   """
   parallel.maybe_initialize_distributed(exp.distributed)
   config_json = os.path.join(workdir, "config.json")
-  with interrupt.handling_signals():
+  with lock.hold(workdir), interrupt.handling_signals():
     return [run_seed(exp, int(seed), os.path.join(workdir, f"seed_{seed}"),
                      config_json) for seed in exp.seeds]
 
