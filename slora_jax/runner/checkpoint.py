@@ -159,12 +159,20 @@ class Checkpointer:
       raise
     return step
 
-  def restore(self, abstract_state: Any) -> tuple[Any, dict]:
-    """Restores the latest checkpoint into the structure of ``abstract_state``."""
+  def restore(self, abstract_state: Any, sharding=None) -> tuple[Any, dict]:
+    """Restores the latest checkpoint into the structure of ``abstract_state``.
+
+    ``sharding``: where every array goes (e.g. replicated over a mesh; with
+    several processes it must span them all), else ``abstract_state``'s.
+    """
     step = self.latest_step()
     if step is None:
       raise FileNotFoundError(f"no checkpoint in {self.directory}")
     target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
+    if sharding is not None:
+      target = jax.tree.map(
+          lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+          target)
     out = self._manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
     logging.info("restored checkpoint %d from %s", step, self.directory)

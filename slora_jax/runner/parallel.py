@@ -8,6 +8,7 @@ inserts the gradient all-reduce, so the step has no ``pmean``.
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import jax
@@ -18,17 +19,30 @@ __all__ = ["make_mesh", "replicated", "batch_sharding", "replicate",
            "global_batch", "maybe_initialize_distributed"]
 
 
+PROCESS_COUNT_ENV = "SLORA_JAX_NUM_PROCESSES"
+PROCESS_ID_ENV = "SLORA_JAX_PROCESS_ID"
+
+
+def _env_int(name: str) -> int | None:
+  value = os.environ.get(name)
+  return None if value in (None, "") else int(value)
+
+
 def maybe_initialize_distributed(enabled: bool) -> None:
   """Calls ``jax.distributed.initialize()`` once, when running on several hosts.
 
-  On Cloud TPU VMs it needs no arguments; elsewhere the usual
-  ``JAX_COORDINATOR_ADDRESS``/process-count environment variables apply.
+  Cloud TPU VMs, Slurm, Open MPI and Kubernetes need nothing more; elsewhere
+  set JAX's ``JAX_COORDINATOR_ADDRESS`` (host:port of process 0) and, as
+  JAX reads no variable for them, ``SLORA_JAX_NUM_PROCESSES`` and
+  ``SLORA_JAX_PROCESS_ID``. Must run before any JAX computation.
   """
-  if enabled:
-    jax.distributed.initialize()
-    logging.info("process %d of %d, %d local / %d global devices",
-                 jax.process_index(), jax.process_count(),
-                 jax.local_device_count(), jax.device_count())
+  if not enabled or jax.distributed.is_initialized():
+    return
+  jax.distributed.initialize(num_processes=_env_int(PROCESS_COUNT_ENV),
+                             process_id=_env_int(PROCESS_ID_ENV))
+  logging.info("process %d of %d, %d local / %d global devices",
+               jax.process_index(), jax.process_count(),
+               jax.local_device_count(), jax.device_count())
 
 
 def make_mesh(devices=None) -> jax.sharding.Mesh:

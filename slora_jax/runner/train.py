@@ -120,7 +120,8 @@ def restore_or_start(s: Session) -> Progress:
     ckpt_lib.check_fingerprint(saved["fingerprint"], s.fingerprint)
     # The abstract state: a task begun at the saved rank, optimiser included.
     shaped = sl.begin_task(s.template, jax.random.key(0), saved["rank"])
-    restored, _ = s.ckpt.restore(_saved_state(shaped, head, s.tx, None))
+    restored, _ = s.ckpt.restore(_saved_state(shaped, head, s.tx, None),
+                                 parallel.replicated(s.mesh))
     cursor = Cursor(**saved["cursor"])
     state = Progress(
         s.template.replace(trainable=restored["trainable"],
@@ -166,7 +167,9 @@ def save(s: Session, state: Progress, cursor: Cursor) -> Progress:
     raise _non_finite(s, state, "the trained parameters became NaN or "
                       "infinite", cursor.describe(s.num_phases),
                       cursor.task if cursor.begun else cursor.task - 1)
-  s.ckpt.save(tree, {"cursor": dataclasses.asdict(cursor),
+  # Arrays made outside a jit (end_task, a fresh optimiser) sit on one
+  # device; with several processes Orbax saves only global arrays.
+  s.ckpt.save(parallel.replicate(tree, s.mesh), {"cursor": dataclasses.asdict(cursor),
                      "fingerprint": s.fingerprint,
                      "rank": state.adapters.rank, "done": list(state.done)})
   return dataclasses.replace(state, cursor=cursor, last_saved=cursor)
@@ -309,7 +312,9 @@ def finish_task(s: Session, state: Progress, record: dict) -> Progress:
               "kd_residual": float(info["residual"])}
   state = dataclasses.replace(state, adapters=adapters,
                               done=state.done + (record,))
-  results_lib.write_results(s.workdir, report.payload(s, state.done, adapters))
+  if jax.process_index() == 0:   # one writer; all processes hold the same
+    results_lib.write_results(s.workdir,
+                              report.payload(s, state.done, adapters))
   faults.point("results_written")
   state = save(s, state, Cursor(record["task"] + 1, 0, False))
   faults.point("between_tasks")
@@ -319,8 +324,10 @@ def finish_task(s: Session, state: Progress, record: dict) -> Progress:
 def finish_run(s: Session, state: Progress) -> dict:
   """Writes the final results and plot, closes the run, prints the summary."""
   payload = report.payload(s, state.done, state.adapters)
-  path = results_lib.write_results(s.workdir, payload)
-  results_lib.plot_results(payload, os.path.join(s.workdir, "results.png"))
+  path = os.path.join(s.workdir, results_lib.RESULTS_FILENAME)
+  if jax.process_index() == 0:
+    path = results_lib.write_results(s.workdir, payload)
+    results_lib.plot_results(payload, os.path.join(s.workdir, "results.png"))
   faults.point("final")
   s.ckpt.close()
   if s.writer:
