@@ -28,7 +28,7 @@ from slora_jax.runner import parallel
 from test_faults import SEED_DIR, outcome
 
 FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
-DATA = ([f"--config.data.source=idx", "--config.data.name=fashion_mnist",
+DATA = (["--config.data.source=idx", "--config.data.name=fashion_mnist",
          f"--config.data.root={FASHION_MNIST}", "--config.data.num_classes=6",
          "--config.data.max_train_per_class=16",
          "--config.data.max_test_per_class=8"]
@@ -93,9 +93,11 @@ def launch(env, workdir, processes: int, devices: int, extra=None):
   for proc, out, trace in procs:
     rc = proc.wait(timeout=300)
     out.seek(0)
-    with open(trace) if os.path.exists(trace) else open(os.devnull) as f:
-      events = [json.loads(l) for l in f]
-    os.remove(trace) if os.path.exists(trace) else None
+    events = []
+    if os.path.exists(trace):
+      with open(trace) as f:
+        events = [json.loads(l) for l in f]
+      os.remove(trace)
     results.append((rc, out.read(), events))
     out.close()
   return results

@@ -10,7 +10,15 @@ and schedulers report for a process stopped by that signal. A repeated signal
 while the checkpoint is being written changes nothing (the save is never cut
 short); SIGKILL would leave the previous complete checkpoint, as always.
 Outside the loop (data checks, backbone, restore) there is nothing to save: a
-signal raises `Interrupted` at once.
+signal raises `Interrupted` at once (with several processes, one that did not
+get the signal then waits for its peers until JAX's heartbeat timeout).
+
+Why 130/143 and not one code such as 3: they are what a shell's ``$?``,
+``timeout``, Slurm and Kubernetes already show for a run stopped by SIGINT or
+SIGTERM, so a retry rule written for those signals also covers this runner,
+and they differ from 0, 1 (a crash) and 2 (a user error). A run killed
+without saving reads the same there, which is harmless: rerunning resumes
+from the latest checkpoint either way.
 """
 
 from __future__ import annotations
@@ -58,7 +66,8 @@ _state = _State()
 def _handler(signum, frame):  # pylint: disable=unused-argument
   if _state.signum is not None:
     print(f"{signal.Signals(signum).name} again: still finishing the step and "
-          "writing its checkpoint", file=sys.stderr, flush=True)
+          "writing its checkpoint (kill -9 stops at once and keeps the "
+          "previous checkpoint)", file=sys.stderr, flush=True)
     return
   _state.signum = signum
   if not _state.deferring:
@@ -94,11 +103,6 @@ def deferred():
     yield
   finally:
     _state.deferring = before
-
-
-def signal_received() -> int | None:
-  """This process's first signal, or None."""
-  return _state.signum
 
 
 @jax.jit
