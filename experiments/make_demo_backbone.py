@@ -21,6 +21,7 @@ import time
 
 from absl import app
 from absl import flags
+from absl import logging
 
 _OUT = flags.DEFINE_string("out", "experiments/assets/demo_vit.safetensors",
                            "Where to write the weights (.safetensors).")
@@ -69,6 +70,7 @@ def _test_accuracy(cfg, params, head, split, size: int) -> float:
 
 def main(argv):
   del argv
+  logging.set_verbosity(logging.WARNING)       # JAX's backend probing is noise
   from slora_jax.models import convert, vit  # pylint: disable=import-outside-toplevel
   from slora_jax.runner import pretrain, results  # pylint: disable=import-outside-toplevel
   from slora_jax.runner.data import sources  # pylint: disable=import-outside-toplevel

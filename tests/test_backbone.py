@@ -68,3 +68,19 @@ def test_bad_pretrain_task_is_refused(tmp_path):
   with pytest.raises(ValueError, match="pretrain.task"):
     backbone.synthetic_pretrain(CFG, _pretrain("jigsaw"), str(tmp_path),
                                 data=_data())
+
+
+def test_committed_demo_backbone_matches_its_manifest_and_the_demo_config():
+  import json
+  from experiments.configs import demo
+  from slora_jax.runner import config as config_lib
+  from slora_jax.runner import results
+  manifest = json.loads(open(demo.BACKBONE[:-len(".safetensors")] + ".json")
+                        .read())
+  assert results.sha256_file(demo.BACKBONE) == manifest["sha256"]
+  assert manifest["command"].startswith("python -m experiments.make_demo_backbone")
+  cfg = config_lib.from_config(demo.get_config()).model.vit_config()
+  assert {k: getattr(cfg, k) for k in manifest["architecture"]} == \
+      manifest["architecture"]
+  params = convert.load_timm_safetensors(demo.BACKBONE, cfg)   # shapes checked
+  assert vit.count_params(params) == 816384

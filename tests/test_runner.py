@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 
-from experiments.configs import demo
+from experiments.configs import split_fashion_mnist as demo
 from slora_jax.runner import checkpoint as ckpt_lib
 from slora_jax.runner import config as config_lib
 from slora_jax.runner import results as results_lib
@@ -144,5 +144,5 @@ def test_cli_demo_shortened(tmp_path, cache_dir):
   assert json.load(open(workdir / "config.json"))["method"] == "sdlora"
   res = json.load(open(workdir / "seed_1993" / "results.json"))
   assert res["summary"]["num_tasks"] == 5
-  src = "idx" if os.path.isdir(FMNIST) else "synthetic"
+  src = "renditions" if os.path.isdir(FMNIST) else "synthetic"
   assert res["config"]["data"]["source"] == src
