@@ -11,6 +11,8 @@ import math
 import os
 import statistics
 
+import jax
+
 from slora_jax.runner import config as config_lib
 from slora_jax.runner import methods as methods_lib
 from slora_jax.runner import results as results_lib
@@ -49,8 +51,9 @@ def run(config, workdir: str, config_file: str) -> list[dict]:
     by_method[name] = train.train_and_evaluate(exp, sub)
   rows = summary_rows(by_method)
   print("\n" + format_table(rows), flush=True)
-  path = results_lib.write_json(os.path.join(workdir, "methods.json"), rows)
-  print(f"table saved: {path}", flush=True)
+  if jax.process_index() == 0:                     # one writer per run
+    path = results_lib.write_json(os.path.join(workdir, "methods.json"), rows)
+    print(f"table saved: {path}", flush=True)
   return [p for ps in by_method.values() for p in ps]
 
 
