@@ -1,14 +1,17 @@
 """Runs the entry point in a subprocess for the fault and bad-input tests."""
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
 
+from slora_jax.runner import checkpoint as ckpt_lib
 from slora_jax.runner import faults
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "tests", "tiny_config.py")
+SEED_DIR = "seed_1993"          # the tiny config's one seed
 
 
 def cli_env(tmp_path_factory) -> dict:
@@ -60,3 +63,27 @@ def snapshot(directory) -> dict:
       out[os.path.relpath(path, directory)] = (st.st_size, st.st_mtime_ns,
                                                digest)
   return out
+
+
+def outcome(workdir) -> dict:
+  """What must not depend on interruptions: matrices, curves, summary."""
+  with open(os.path.join(workdir, SEED_DIR, "results.json")) as f:
+    res = json.load(f)
+  return {k: res[k] for k in ("acc_matrix", "acc_matrix_top5", "curves",
+                              "summary", "class_order", "stored_directions")}
+
+
+def checkpoint_cursor(workdir) -> tuple:
+  """(task, step, begun) of the latest checkpoint of the tiny run."""
+  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, SEED_DIR))
+  try:
+    c = ckpt.read_meta()["cursor"]
+  finally:
+    ckpt.close()
+  return c["task"], c["step"], c["begun"]
+
+
+def tmp_checkpoints(workdir) -> list[str]:
+  """Orbax's temporary (uncommitted) checkpoint directories of the tiny run."""
+  d = os.path.join(workdir, SEED_DIR, "checkpoints")
+  return sorted(n for n in os.listdir(d) if "orbax-checkpoint-tmp" in n)

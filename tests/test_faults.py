@@ -7,38 +7,18 @@ place. The subprocesses share a persistent XLA compilation cache: only the
 first one compiles.
 """
 
-import json
-import os
 import re
 import signal
 
 import pytest
 
-from cli_util import cli_env, error_line, run_cli, tail
-
-SEED_DIR = "seed_1993"
-
-
-def outcome(workdir) -> dict:
-  """What must not depend on interruptions: matrices, curves, summary."""
-  with open(os.path.join(workdir, SEED_DIR, "results.json")) as f:
-    res = json.load(f)
-  return {k: res[k] for k in ("acc_matrix", "acc_matrix_top5", "curves",
-                              "summary", "class_order", "stored_directions")}
+from cli_util import (cli_env, error_line, outcome, run_cli, tail,
+                      tmp_checkpoints)
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
   return cli_env(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def reference(env, tmp_path_factory):
-  """An uninterrupted run (it also fills the compilation cache)."""
-  workdir = tmp_path_factory.mktemp("reference")
-  r = run_cli(env, workdir)
-  assert r.returncode == 0, tail(r)
-  return outcome(workdir)
 
 
 # (kill point, where the tiny run is then, where the next start resumes).
@@ -66,11 +46,6 @@ def _resumed_at(r):
   return (int(m.group(1)), int(m.group(2))) if m else None
 
 
-def _tmp_checkpoints(workdir):
-  d = os.path.join(workdir, SEED_DIR, "checkpoints")
-  return sorted(n for n in os.listdir(d) if "orbax-checkpoint-tmp" in n)
-
-
 def test_sigkill_at_ten_points_then_resume_gives_identical_results(
     reference, env, tmp_path):
   resumed = None                      # the first start is fresh
@@ -80,12 +55,12 @@ def test_sigkill_at_ten_points_then_resume_gives_identical_results(
     assert _resumed_at(r) == resumed, (kill, _resumed_at(r), resumed)
     if kill.startswith("checkpoint_write"):
       # The half-written checkpoint is on disk and must not block the resume.
-      assert _tmp_checkpoints(tmp_path), kill
+      assert tmp_checkpoints(tmp_path), kill
     resumed = next_resume
   r = run_cli(env, tmp_path)
   assert r.returncode == 0, tail(r)
   assert _resumed_at(r) == resumed
-  assert not _tmp_checkpoints(tmp_path)        # cleaned up on a later start
+  assert not tmp_checkpoints(tmp_path)        # cleaned up on a later start
   assert outcome(tmp_path) == reference
 
 

@@ -8,15 +8,13 @@ checkpoint whose cursor is the step reached, and the final rerun must give the
 uninterrupted run's results.
 """
 
-import os
 import re
 
 import pytest
 
-from cli_util import cli_env, run_cli, tail
-from slora_jax.runner import checkpoint as ckpt_lib
+from cli_util import (checkpoint_cursor, cli_env, outcome, run_cli, tail,
+                      tmp_checkpoints)
 from slora_jax.runner import faults
-from test_faults import SEED_DIR, outcome
 
 RERUN = "; rerun the same command to resume"
 
@@ -24,14 +22,6 @@ RERUN = "; rerun the same command to resume"
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
   return cli_env(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def reference(env, tmp_path_factory):
-  workdir = tmp_path_factory.mktemp("reference")
-  r = run_cli(env, workdir)
-  assert r.returncode == 0, tail(r)
-  return outcome(workdir)
 
 
 def _interrupted(env, workdir, signals: str, code: int) -> str:
@@ -43,19 +33,6 @@ def _interrupted(env, workdir, signals: str, code: int) -> str:
   return lines[0]
 
 
-def _cursor(workdir) -> tuple:
-  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, SEED_DIR))
-  try:
-    c = ckpt.read_meta()["cursor"]
-  finally:
-    ckpt.close()
-  return c["task"], c["step"], c["begun"]
-
-
-def _tmp_checkpoints(workdir):
-  d = os.path.join(workdir, SEED_DIR, "checkpoints")
-  return [n for n in os.listdir(d) if "orbax-checkpoint-tmp" in n]
-
 
 def test_sigint_and_sigterm_save_the_step_reached_and_resume_identically(
     reference, env, tmp_path):
@@ -65,24 +42,24 @@ def test_sigint_and_sigterm_save_the_step_reached_and_resume_identically(
                       "checkpoint_write:2:SIGINT", 130)
   assert line == "interrupted (SIGINT) at task 1/3, step 3/4; checkpoint " \
                  "saved" + RERUN
-  assert _cursor(tmp_path) == (0, 3, True) and not _tmp_checkpoints(tmp_path)
+  assert checkpoint_cursor(tmp_path) == (0, 3, True) and not tmp_checkpoints(tmp_path)
 
   # A signal during start-up (restoring) stops at once; nothing changes.
   line = _interrupted(env, tmp_path, "restore:1:SIGTERM", 143)
   assert line == ("interrupted (SIGTERM) at start-up (before training); "
                   "nothing new to save since the last checkpoint" + RERUN)
-  assert _cursor(tmp_path) == (0, 3, True)
+  assert checkpoint_cursor(tmp_path) == (0, 3, True)
 
   # Preemption in task 2's third step (the run resumed at task 1 step 3: its
   # fourth train step here), then during task 2's evaluation.
   line = _interrupted(env, tmp_path, "train_step:4:SIGTERM", 143)
   assert line == "interrupted (SIGTERM) at task 2/3, step 3/4; checkpoint " \
                  "saved" + RERUN
-  assert _cursor(tmp_path) == (1, 3, True)
+  assert checkpoint_cursor(tmp_path) == (1, 3, True)
   line = _interrupted(env, tmp_path, "eval_step:1:SIGTERM", 143)
   assert re.fullmatch(r"interrupted \(SIGTERM\) at task 2/3, evaluation; "
                       r"checkpoint saved" + RERUN, line), line
-  assert _cursor(tmp_path) == (1, 4, True)      # trained, evaluation pending
+  assert checkpoint_cursor(tmp_path) == (1, 4, True)      # trained, evaluation pending
 
   r = run_cli(env, tmp_path)
   assert r.returncode == 0, tail(r)

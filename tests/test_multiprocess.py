@@ -21,11 +21,10 @@ import textwrap
 
 import pytest
 
-from cli_util import CONFIG, ROOT, cli_env
-from slora_jax.runner import checkpoint as ckpt_lib
+from cli_util import (CONFIG, ROOT, SEED_DIR, checkpoint_cursor, cli_env,
+                      outcome)
 from slora_jax.runner import faults
 from slora_jax.runner import parallel
-from test_faults import SEED_DIR, outcome
 
 FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 DATA = (["--config.data.source=idx", "--config.data.name=fashion_mnist",
@@ -116,15 +115,6 @@ def _writes(events):
   return sorted({e[1] for e in events if e[0] == "write"})
 
 
-def _cursor(workdir):
-  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, SEED_DIR))
-  try:
-    c = ckpt.read_meta()["cursor"]
-  finally:
-    ckpt.close()
-  return c["task"], c["step"], c["begun"]
-
-
 def _steps(workdir):
   return sorted(os.listdir(os.path.join(workdir, SEED_DIR, "checkpoints")))
 
@@ -172,7 +162,7 @@ def test_kill_both_then_sigterm_one_then_resume(env, single, tmp_path):
   kill = {faults.ENV: "train_step:3"}
   runs = launch(env, workdir, 2, 2, [kill, kill])
   assert [r[0] for r in runs] == [-9, -9], runs[0][1][-3000:]
-  assert _cursor(workdir) == (0, 2, True)
+  assert checkpoint_cursor(workdir) == (0, 2, True)
   # SIGTERM reaches process 1 only, at its third step (task 2, step 1): both
   # agree, save that step and stop with the line and code 143.
   runs = launch(env, workdir, 2, 2,
@@ -181,7 +171,7 @@ def test_kill_both_then_sigterm_one_then_resume(env, single, tmp_path):
     assert rc == 143, output[-3000:]
     assert ("interrupted (SIGTERM) at task 2/3, step 1/4; checkpoint saved; "
             "rerun the same command to resume") in output
-  assert _cursor(workdir) == (1, 1, True)
+  assert checkpoint_cursor(workdir) == (1, 1, True)
   runs = launch(env, workdir, 2, 2)
   _ok(runs)
   assert all("resuming at task 1 step 1" in r[1] for r in runs)
