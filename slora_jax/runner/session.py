@@ -81,9 +81,6 @@ class Session:
     """Training phases: one per task, or one for a single-phase method."""
     return len(self.data.train_tasks)
 
-  def rank(self, phase: int) -> int:
-    return self.exp.rank(phase)
-
 
 def fingerprint(exp: config_lib.Experiment, seed: int, order,
                 task_sizes) -> dict:

@@ -201,7 +201,7 @@ def _begin(s: Session, state: Progress, t: int) -> Progress:
   adapters = state.adapters
   if s.exp.method.direction_per_task or t == 0:
     adapters = sl.begin_task(
-        adapters, jax.random.fold_in(jax.random.key(s.seed), t), s.rank(t))
+        adapters, jax.random.fold_in(jax.random.key(s.seed), t), s.exp.rank(t))
   opt_state = s.tx.init(sl.trainable_params(adapters, state.head))
   return dataclasses.replace(state, adapters=adapters, opt_state=opt_state,
                              cursor=Cursor(t, 0, True))
