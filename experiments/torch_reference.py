@@ -18,8 +18,11 @@ times are a lower bound on the reference's. Used by
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import statistics
+import sys
 import time
 
 try:
@@ -121,49 +124,100 @@ def build(depth=12, width=768, heads=12, mlp=3072, image_size=224, patch=16,
   return model, trainable
 
 
-def time_reference(tasks=(0, 19), batch=4, repeats=3, **dims) -> dict:
-  """Median seconds of the train step at each t, eval forward, plain forward."""
+def workload(tasks: int, batch: int, eval_batch: int | None = None,
+             seed: int = 0, **dims) -> dict:
+  """Zero-argument callables ``step``, ``eval`` and ``plain`` (the ViT with
+  no adapter branch) on a model with ``tasks`` earlier directions."""
   image = dims.get("image_size", 224)
   num_classes = dims.get("num_classes", 200)
-  x = torch.rand(batch, 3, image, image)
-  y = torch.randint(0, 10, (batch,))
+  g = torch.Generator().manual_seed(seed + 1)
+  x = torch.rand(batch, 3, image, image, generator=g)
+  xe = torch.rand(eval_batch or batch, 3, image, image, generator=g)
+  lo, hi = 0, min(10, num_classes)
+  y = torch.randint(lo, hi, (batch,), generator=g)
+  model, trainable = build(tasks=tasks, seed=seed, **dims)
+  opt = torch.optim.SGD(trainable, lr=0.01, momentum=0.9)
+
+  def step():
+    opt.zero_grad(set_to_none=True)
+    logits = model(x)[:, lo:hi]
+    F.cross_entropy(logits, y - lo).backward()
+    opt.step()
+
+  @torch.no_grad()
+  def evaluate():
+    model(xe)
+
+  @torch.no_grad()
+  def plain():
+    model(xe, lora=False)
+
+  return {"step": step, "eval": evaluate, "plain": plain}
+
+
+def _median_seconds(fn, repeats: int) -> float:
+  fn()                                                  # warm-up
+  ts = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    fn()
+    ts.append(time.perf_counter() - t0)
+  return statistics.median(ts)
+
+
+def time_reference(tasks=(0, 19), batch=4, repeats=3, **dims) -> dict:
+  """Median seconds of the train step at each t, eval forward, plain forward."""
   out = {"threads": torch.get_num_threads(), "version": torch.__version__,
          "step": {}, "eval": {}}
-
-  def median_time(fn):
-    fn()                                            # warm-up
-    ts = []
-    for _ in range(repeats):
-      t0 = time.perf_counter()
-      fn()
-      ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
-
   for t in tasks:
-    model, trainable = build(tasks=t, **dims)
-    opt = torch.optim.SGD(trainable, lr=0.01, momentum=0.9)
-    lo, hi = 0, min(10, num_classes)
-
-    def step():
-      opt.zero_grad(set_to_none=True)
-      logits = model(x)[:, lo:hi]
-      torch.nn.functional.cross_entropy(logits, y - lo).backward()
-      opt.step()
-
-    def evaluate():
-      with torch.no_grad():
-        model(x)
-
-    out["step"][t] = median_time(step)
-    out["eval"][t] = median_time(evaluate)
+    calls = workload(t, batch, **dims)
+    out["step"][t] = _median_seconds(calls["step"], repeats)
+    out["eval"][t] = _median_seconds(calls["eval"], repeats)
     if t == tasks[0]:
-      def plain():
-        with torch.no_grad():
-          model(x, lora=False)
-      out["plain_eval"] = median_time(plain)
-    del model, opt
+      out["plain_eval"] = _median_seconds(calls["plain"], repeats)
+    del calls
   return out
 
 
+def serve(stdin=sys.stdin, stdout=sys.stdout) -> None:
+  """Answers timing requests, one JSON object per line, until ``quit``.
+
+  ``{"op": "load", "key": k, "tasks": t, "batch": b, "eval_batch": e,
+  "dims": {...}}`` builds a workload; ``{"op": "time", "key": k, "call":
+  "step"|"eval"|"plain"}`` runs it once and answers its seconds;
+  ``{"op": "info"}`` answers the torch version and thread count. The
+  benchmark drives this from its own process (experiments/benchmark/
+  versus_torch.py), so XLA's and PyTorch's thread pools never run at once.
+  """
+  loaded = {}
+  for line in stdin:
+    req = json.loads(line)
+    op = req["op"]
+    if op == "quit":
+      break
+    if op == "info":
+      ans = {"version": torch.__version__, "threads": torch.get_num_threads(),
+             "pid": os.getpid()}
+    elif op == "load":
+      loaded[req["key"]] = workload(req["tasks"], req["batch"],
+                                    req.get("eval_batch"), **req["dims"])
+      ans = {"ok": True}
+    elif op == "time":
+      fn = loaded[req["key"]][req["call"]]
+      t0 = time.perf_counter()
+      fn()
+      ans = {"seconds": time.perf_counter() - t0}
+    else:
+      ans = {"error": f"unknown op {op!r}"}
+    stdout.write(json.dumps(ans) + "\n")
+    stdout.flush()
+
+
 if __name__ == "__main__":
-  print(time_reference())
+  if "--serve" in sys.argv:
+    threads = os.environ.get("SLORA_JAX_TORCH_THREADS")
+    if threads:
+      torch.set_num_threads(int(threads))
+    serve()
+  else:
+    print(time_reference())

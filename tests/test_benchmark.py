@@ -66,15 +66,12 @@ def test_table_has_every_row(result):
       "peak host memory, whole benchmark",
       "matmul peak, XLA (f32 2048^3, best of 5)",
       "FLOPs per eval forward (XLA cost analysis)",
-      "GFLOP/s the reference plain eval (1.04 s) implies",
       "step(t=19) / step(t=0)",
       "step(t=99) / step(t=0)",
       "step(t=0) / plain LoRA step (capacity 100)",
       "step(t=0) / plain LoRA step (capacity 8)",
       "merged eval (t=5) / plain ViT eval",
       "JPEG pipeline / train step images/s",
-      "step(t=19) vs PyTorch reference (3.28 s)",
-      "step(t=0) vs PyTorch reference (2.34 s)",
   ]
   missing = [name for name in expected if name not in rows]
   assert not missing, missing
@@ -119,10 +116,8 @@ def test_program_does_not_grow_with_tasks(result):
 
 def test_not_applicable_targets_say_so(result):
   rows = result["by_name"]
-  # Not the reference setting (ViT-B/16, 224 px, batch 4) and no t=19/99.
-  for name in ("step(t=19) vs PyTorch reference (3.28 s)",
-               "GFLOP/s the reference plain eval (1.04 s) implies",
-               "step(t=19) / step(t=0)", "JPEG pipeline / train step images/s"):
+  # No t=19/99 timed, and not ViT-S/16.
+  for name in ("step(t=19) / step(t=0)", "JPEG pipeline / train step images/s"):
     assert rows[name]["verdict"] == "n/a"
   for row in result["rows"]:
     assert row["verdict"] in ("", "PASS", "FAIL", "n/a"), row

@@ -7,7 +7,8 @@ no command-line flag.
 Modules: `settings` (the options), `run` (the phases, in order), `workload`
 (the random model and states), `train_steps`, `evaluation`, `pipeline`,
 `baselines` (plain LoRA), `compile_checks`, `flops`, `profile`, `ratios`,
-`torch_rows`, `timing`, `table`.
+`versus_torch` (the PyTorch port, in its own process), `timing`,
+`table`.
 """
 
 from experiments.benchmark.baselines import make_plain_lora_step

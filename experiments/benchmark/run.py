@@ -22,8 +22,8 @@ from experiments.benchmark import pipeline
 from experiments.benchmark import profile
 from experiments.benchmark import ratios
 from experiments.benchmark import timing
-from experiments.benchmark import torch_rows
 from experiments.benchmark import train_steps
+from experiments.benchmark import versus_torch
 from experiments.benchmark import workload
 from experiments.benchmark.settings import Settings
 from experiments.benchmark.table import Table
@@ -75,8 +75,12 @@ def run(s: Settings) -> dict:
   rates = pipeline.pipeline_rows(table, s) if s.pipeline else {}
   phases.mark("pipeline")
 
-  _comparison_rows(table, s, w.cfg, times, ev, rates, phases)
-  torch_rows.implied_peak_row(table, s, ev.flops, peak)
+  _comparison_rows(table, s, times, ev, rates)
+  if s.torch:
+    del sd, times, final, built   # free the timed states before new ones
+    versus_torch.compare(table, versus_torch.cases(s), max(s.repeats, 5),
+                         peak["XLA"])
+    phases.mark("torch")
   flops.estimate_rows(table, s, w.cfg, targets)
 
   env["phases_s"] = phases.seconds
@@ -117,16 +121,11 @@ def _simulated_run(table: Table, s: Settings, sd: workload.SDLoRA) -> int:
   return compiles
 
 
-def _comparison_rows(table: Table, s: Settings, cfg,
-                     times: train_steps.StepTimes, ev: evaluation.EvalTimes,
-                     rates: dict[str, float], phases: timing.Phases) -> None:
-  """Rows: what the step consumes, memory, ratios, PyTorch comparisons."""
+def _comparison_rows(table: Table, s: Settings, times: train_steps.StepTimes,
+                     ev: evaluation.EvalTimes, rates: dict[str, float]) -> None:
+  """Rows: what the step consumes, memory, and the ratios with targets."""
   t_lo = s.tasks[0]
   consume = s.batch / times.step[t_lo] if times.step[t_lo] else None
   table.add(f"images/s the train step consumes (t={t_lo})", consume, "img/s")
   table.add("peak host memory, whole benchmark", timing.max_rss_mib(), "MiB")
   ratios.ratio_rows(table, s, times, ev, rates, consume)
-  torch_rows.reference_rows(table, s, times.step, ev.merged)
-  if s.torch:
-    torch_rows.measured_rows(table, s, cfg, times.step, ev.merged, ev.plain)
-    phases.mark("torch")

@@ -49,8 +49,13 @@ class Settings:
   json: str | None = _option(None, "Also save the table as JSON here.",
                              flag="json_out")
   torch: bool = _option(
-      False, "Also time the PyTorch reference's arithmetic "
-      "(experiments/torch_reference.py) at the same settings, in this process.")
+      False, "Also time the PyTorch port (experiments/torch_reference.py) in "
+      "a separate process, alternating with ours call by call: at --batch, "
+      "at --torch_batch and at the demo config's size (--torch_demo).")
+  torch_batch: int = _option(32, "Second batch size of the PyTorch "
+                             "comparison; 0 skips it.")
+  torch_demo: bool = _option(True, "With --torch, also compare at the demo "
+                             "config's model and batch sizes.")
   adapter_form: str = _option(
       "activation", "How the SD-LoRA train step applies adapters "
       "(slora_jax.runner.steps.make_train_step): on activations (default) or "

@@ -70,9 +70,9 @@ class TaskOps:
 class Workload:
   """The model, backbone, head, optimiser and batches every timed step shares."""
 
-  def __init__(self, s: Settings):
+  def __init__(self, s: Settings, cfg: vit.ViTConfig | None = None):
     self.settings = s
-    self.cfg = s.vit_config()
+    self.cfg = cfg or s.vit_config()
     self.model = vit.VisionTransformer(self.cfg)
     self.backbone = random_params(self.cfg)
     self.rules = sl.vit_qv_rules(self.cfg.qkv)
@@ -88,11 +88,17 @@ class Workload:
   def batch_for(self, task: int) -> dict:
     """A fresh random batch whose labels are classes of ``task``."""
     s, lo = self.settings, task * self._classes_per_task
-    shape = (s.batch, s.image_size, s.image_size, 3)
+    shape = (s.batch, self.cfg.image_size, self.cfg.image_size, 3)
     return {"image": jnp.asarray(self._rng.uniform(0, 1, shape), jnp.float32),
             "label": jnp.asarray(self._rng.integers(
                 lo, lo + self._classes_per_task, s.batch), jnp.int32),
             "mask": jnp.ones((s.batch,), jnp.float32)}
+
+  def images(self, n: int):
+    """``n`` random images at the model's input size."""
+    size = self.cfg.image_size
+    return jnp.asarray(self._rng.uniform(0, 1, (n, size, size, 3)),
+                       jnp.float32)
 
   def bounds(self, task: int) -> tuple:
     """The class range ``[lo, hi)`` of ``task``, as the step takes it."""

@@ -1,0 +1,68 @@
+"""The PyTorch comparison's mechanics: a separate process, alternating rounds."""
+
+import os
+
+import pytest
+
+pytest.importorskip("torch")
+
+from experiments.benchmark import versus_torch  # pylint: disable=wrong-import-position
+from experiments.benchmark.settings import Settings  # pylint: disable=wrong-import-position
+from experiments.benchmark.table import Table  # pylint: disable=wrong-import-position
+from slora_jax.models import vit  # pylint: disable=wrong-import-position
+
+
+def test_alternate_swaps_sides_every_round_and_takes_medians(monkeypatch):
+  monkeypatch.setattr(versus_torch, "PAUSE_S", 0.0)
+  log, values = [], {"ours": iter([3.0, 1.0, 2.0]), "torch": iter([6.0, 5.0, 4.0])}
+
+  def call(side):
+    def run():
+      log.append(side)
+      return next(values[side])
+    return run
+
+  ours, torch_med = versus_torch.alternate(
+      {"step t=0": call("ours")}, {"step t=0": call("torch")}, repeats=3)
+  assert log == ["ours", "torch", "torch", "ours", "ours", "torch"]
+  assert ours == {"step t=0": 2.0} and torch_med == {"step t=0": 5.0}
+
+
+def test_the_port_runs_in_its_own_process_and_answers_times():
+  proc = versus_torch.TorchProcess(threads=1)
+  try:
+    assert proc.info["pid"] != os.getpid() and proc.info["threads"] == 1
+    cfg = vit.ViTConfig(image_size=16, patch_size=8, width=16, depth=2,
+                        num_heads=2, mlp_dim=32)
+    calls = proc.load("tiny", tasks=2, batch=2, eval_batch=3, cfg=cfg,
+                      num_classes=20, rank=3)
+    assert set(calls) == {"step", "eval", "plain"}
+    assert all(calls[c]() > 0 for c in calls)
+  finally:
+    proc.close()
+  assert proc._proc.returncode == 0   # pylint: disable=protected-access
+
+
+def test_case_rows_check_each_target():
+  s = Settings(model="vit_ti16", tasks=(0, 19), capacity=20)
+  case = versus_torch.Case("b4", s, s.vit_config(), (0, 19), 4)
+  ours = {"step t=0": 1.2, "step t=19": 1.3, "plain": 0.4, "eval t=19": 0.4}
+  port = {"step t=0": 1.0, "step t=19": 2.5, "plain": 0.5, "eval t=19": 0.8}
+  table = Table()
+  versus_torch.case_rows(table, case, ours, port, train_flops=300e9,
+                         xla_peak=320.0)
+  assert table["b4: step t=0, ours / port"].verdict == "FAIL"      # 1.2 > 1.0
+  assert table["b4: step t=19, ours / port"].verdict == "PASS"     # 0.52
+  assert table["b4: plain, ours / port"].verdict == "PASS"         # 0.8
+  row = table["b4: achieved GFLOP/s, our step t=0 (analytic)"]
+  assert row.value == pytest.approx(250.0) and row.verdict == "PASS"
+
+
+def test_cases_cover_both_batches_and_the_demo_size():
+  cases = versus_torch.cases(Settings(tasks=(0, 19), capacity=20, torch_batch=32))
+  assert [c.settings.batch for c in cases] == [4, 32, 64]
+  demo = cases[-1]
+  assert (demo.cfg.image_size, demo.cfg.width, demo.cfg.depth) == (28, 128, 6)
+  assert demo.tasks == (0, 4) and demo.eval_batch == 250
+  assert demo.settings.rank == 4 and not demo.peak_target
+  assert cases[0].tasks == (0, 19)
