@@ -20,14 +20,20 @@ FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 
 
 def write_jpeg_folder(root: str, classes: int = 10, per_class: int = 20,
-                      sizes=(256, 500), seed: int = 0) -> str:
-  """Writes ``root/train/<class>/*.jpg`` photo-like images of random sizes."""
+                      sizes=(256, 500), seed: int = 0, heights=None) -> str:
+  """Writes ``root/train/<class>/*.jpg`` photo-like images of random sizes.
+
+  Widths and heights are drawn from ``sizes`` (heights from ``heights`` when
+  given), inclusive.
+  """
   rng = np.random.default_rng(seed)
+  heights = heights or sizes
   for c in range(classes):
     folder = os.path.join(root, "train", f"class_{c:02d}")
     os.makedirs(folder, exist_ok=True)
     for i in range(per_class):
-      w, h = (int(v) for v in rng.integers(sizes[0], sizes[1] + 1, 2))
+      w = int(rng.integers(sizes[0], sizes[1] + 1))
+      h = int(rng.integers(heights[0], heights[1] + 1))
       # Smooth colour fields plus mild noise: roughly photo-like entropy.
       coarse = rng.uniform(0, 255, (6, 6, 3)).astype(np.uint8)
       img = np.asarray(Image.fromarray(coarse).resize((w, h), Image.BICUBIC),

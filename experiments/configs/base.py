@@ -81,8 +81,13 @@ def _data() -> ml_collections.ConfigDict:
   d.shuffle_classes = True
   d.max_train_per_class = 0 # 0: all
   d.max_test_per_class = 0
-  d.num_workers = 8
-  d.prefetch = 2
+  d.num_workers = 8         # decoding threads (worker_processes = 0)
+  d.prefetch = 2            # batches ready ahead (per worker process)
+  # >0: folder and TFDS sources assemble batches in this many grain worker
+  # processes (the same batches as threads, see data/processes.py); 0: threads
+  # in this process. The in-memory sources (idx, renditions, synthetic) always
+  # use threads: their decoding is trivial and a worker's start-up (~2 s) is not.
+  d.worker_processes = 0
   d.synthetic = ml_collections.ConfigDict(dict(
       num_classes=10, train_per_class=200, test_per_class=100, seed=0))
   # data.source='renditions': Fashion-MNIST-R over the IDX files in data.root.

@@ -111,6 +111,7 @@ class DataSettings:
   max_test_per_class: int
   num_workers: int
   prefetch: int
+  worker_processes: int       # >0: grain processes for folder/tfds sources
   synthetic: SyntheticSettings
   renditions: RenditionSettings
 

@@ -109,7 +109,9 @@ class ExperimentData:
   def _loader_args(self) -> dict:
     return dict(process_index=self.process_index,
                 process_count=self.process_count,
-                num_workers=self.data.num_workers, prefetch=self.data.prefetch)
+                num_workers=self.data.num_workers, prefetch=self.data.prefetch,
+                worker_processes=(self.data.worker_processes
+                                  if self.data.source in _FILE_SOURCES else 0))
 
   @contextlib.contextmanager
   def train_batches(self, t: int,
@@ -144,6 +146,10 @@ class ExperimentData:
         **self._loader_args())
 
 
+# Sources whose samples are decoded from files: worth worker processes.
+_FILE_SOURCES = ("folder", "tfds")
+
+
 def _check_settings(d: config_lib.DataSettings,
                     tr: config_lib.TrainSettings) -> None:
   for key in ("source", "init_cls"):
@@ -160,6 +166,9 @@ def _check_settings(d: config_lib.DataSettings,
   if tr.batch_size <= 0 or tr.epochs <= 0:
     raise sources.DataError(f"train.batch_size ({tr.batch_size}) and "
                             f"train.epochs ({tr.epochs}) must be positive")
+  if d.worker_processes < 0:
+    raise sources.DataError(f"data.worker_processes ({d.worker_processes}) "
+                            "must be >= 0 (0: threads in this process)")
 
 
 def _task_sizes(source, d: config_lib.DataSettings) -> list[int]:

@@ -20,6 +20,12 @@ Samples are decoded and transformed by a thread pool (PIL and numpy release
 the GIL); a background thread assembles up to ``prefetch`` batches ahead.
 Iterators are context managers: leaving the ``with`` block (or ``close()``,
 or reaching the end) stops the threads.
+
+With ``worker_processes > 0`` the batches are assembled in that many worker
+processes instead (grain, `slora_jax.runner.data.processes`): the plan is
+random access (`_TrainPlan`, `_EvalPlan`), so batch ``p`` is assembled by
+worker ``p % k`` from the same plan and the same sample keys, and grain
+returns them in order: the batches are those of the threads.
 """
 
 from __future__ import annotations
@@ -75,6 +81,91 @@ def _padded(chosen: np.ndarray, batch_size: int) -> np.ndarray:
   return out
 
 
+def sample(split, transform, shape: tuple, index: int, key) -> np.ndarray:
+  """Sample ``index`` transformed with its own generator (``key`` + index)."""
+  rng = None if key is None else transforms.sample_rng(*key, index)
+  x = transform(split.read(index), rng)
+  if x.shape != shape:
+    raise ValueError(f"{split.describe(index)}: the transform gave "
+                     f"shape {x.shape}, expected {shape}")
+  return x
+
+
+def batch_dict(images: np.ndarray, indices: np.ndarray, labels) -> dict:
+  """The batch of decoded ``images`` of ``indices`` (-1: a padded row)."""
+  valid = indices != _PAD
+  chosen = np.where(valid, labels[np.where(valid, indices, 0)], 0)
+  return {"image": images, "label": chosen.astype(np.int32),
+          "mask": valid.astype(np.float32)}
+
+
+class _TrainPlan:
+  """Batch position -> (this process's sample indices, epoch key).
+
+  Random access (the worker processes each assemble every k-th batch); one
+  epoch's order is cached as one tuple, so concurrent readers see a
+  consistent (epoch, order) pair.
+  """
+
+  def __init__(self, indices, batch_size, rows, seed, task, start_step,
+               num_steps, shuffle):
+    self.indices, self.batch_size, self.rows = indices, batch_size, rows
+    self.seed, self.task, self.shuffle = seed, task, shuffle
+    self.start, self.stop = start_step, num_steps
+    self.spe = steps_per_epoch(len(indices), batch_size)
+    self._cached = (-1, None)
+
+  def __len__(self) -> int:
+    return max(0, self.stop - self.start)
+
+  def _order(self, epoch: int) -> np.ndarray:
+    cached_epoch, order = self._cached
+    if cached_epoch != epoch:
+      order = (self.indices[epoch_order(len(self.indices), self.seed,
+                                        self.task, epoch)]
+               if self.shuffle else self.indices)
+      self._cached = (epoch, order)
+    return order
+
+  def __getitem__(self, pos: int):
+    if not 0 <= pos < len(self):
+      raise IndexError(pos)
+    epoch, j = divmod(self.start + pos, self.spe)
+    b = self.batch_size
+    chosen = _padded(self._order(epoch)[j * b:(j + 1) * b], b)
+    return chosen[self.rows], (self.seed, self.task, epoch)
+
+
+class _EvalPlan:
+  """Batch position -> (this process's sample indices, None): in order."""
+
+  def __init__(self, indices, batch_size, rows):
+    self.indices, self.batch_size, self.rows = indices, batch_size, rows
+    self.n = steps_per_epoch(len(indices), batch_size) if len(indices) else 0
+
+  def __len__(self) -> int:
+    return self.n
+
+  def __getitem__(self, pos: int):
+    if not 0 <= pos < self.n:
+      raise IndexError(pos)
+    b = self.batch_size
+    return _padded(self.indices[pos * b:(pos + 1) * b], b)[self.rows], None
+
+
+def _iterator(split, plan, labels, transform, shape, num_workers, prefetch,
+              worker_processes):
+  """The thread backend, or the process backend for ``worker_processes > 0``."""
+  if worker_processes < 0:
+    raise ValueError(f"worker_processes must be >= 0, got {worker_processes}")
+  if worker_processes == 0:
+    return BatchIterator(split, plan, labels, transform, shape, len(plan),
+                         num_workers, prefetch)
+  from slora_jax.runner.data import processes  # grain only when asked for
+  return processes.ProcessBatchIterator(split, plan, labels, transform, shape,
+                                        worker_processes, prefetch)
+
+
 class _Producer:
   """The background side of a `BatchIterator` (holds no reference to it, so
   an abandoned iterator is garbage collected and its threads stopped)."""
@@ -89,14 +180,8 @@ class _Producer:
         max_workers=max(1, int(num_workers)), thread_name_prefix="slora-decode")
 
   def _load(self, images: np.ndarray, row: int, index: int, key) -> None:
-    if self.stop.is_set():
-      return
-    rng = None if key is None else transforms.sample_rng(*key, index)
-    x = self.transform(self.split.read(index), rng)
-    if x.shape != self.shape:
-      raise ValueError(f"{self.split.describe(index)}: the transform gave "
-                       f"shape {x.shape}, expected {self.shape}")
-    images[row] = x
+    if not self.stop.is_set():
+      images[row] = sample(self.split, self.transform, self.shape, index, key)
 
   def _assemble(self, indices: np.ndarray, key) -> dict:
     indices = np.asarray(indices, np.int64)
@@ -110,10 +195,7 @@ class _Producer:
       for f in futures:
         f.cancel()
       raise
-    valid = indices != _PAD
-    labels = np.where(valid, self.labels[np.where(valid, indices, 0)], 0)
-    return {"image": images, "label": labels.astype(np.int32),
-            "mask": valid.astype(np.float32)}
+    return batch_dict(images, indices, self.labels)
 
   def _put(self, item) -> bool:
     while not self.stop.is_set():
@@ -243,7 +325,7 @@ def train_batches(split: sources.Split, indices: np.ndarray, labels: np.ndarray,
                   task: int, start_step: int = 0, num_steps: int,
                   shuffle: bool = True, process_index: int = 0,
                   process_count: int = 1, num_workers: int = 4,
-                  prefetch: int = 2) -> BatchIterator:
+                  prefetch: int = 2, worker_processes: int = 0):
   """Training batches for global steps ``start_step .. num_steps - 1``.
 
   Args:
@@ -259,59 +341,46 @@ def train_batches(split: sources.Split, indices: np.ndarray, labels: np.ndarray,
     num_steps: the end step (exclusive); may span several epochs.
     shuffle: reshuffle every epoch (False: ``indices`` order every epoch).
     process_index, process_count: which rows of each global batch to decode.
-    num_workers: decoding threads.
-    prefetch: batches assembled ahead.
+    num_workers: decoding threads (thread backend).
+    prefetch: batches assembled ahead (per worker process).
+    worker_processes: > 0: assemble batches in this many processes (grain)
+      instead of threads; the batches are the same.
 
   Returns:
-    A `BatchIterator` of ``num_steps - start_step`` local batches.
+    A `BatchIterator` (or `processes.ProcessBatchIterator`) of
+    ``num_steps - start_step`` local batches.
   """
   indices = np.asarray(indices, np.int64)
   rows = local_rows(batch_size, process_index, process_count)
-  spe = steps_per_epoch(len(indices), batch_size)
   if start_step < 0:
     raise ValueError(f"start_step must be >= 0, got {start_step}")
-
-  def plan():
-    order, cached_epoch = None, -1
-    for step in range(start_step, num_steps):
-      epoch, j = divmod(step, spe)
-      if epoch != cached_epoch:
-        order = (indices[epoch_order(len(indices), seed, task, epoch)]
-                 if shuffle else indices)
-        cached_epoch = epoch
-      chosen = _padded(order[j * batch_size:(j + 1) * batch_size], batch_size)
-      yield chosen[rows], (seed, task, epoch)
-
-  return BatchIterator(split, plan(), labels, transform,
-                       _image_shape(transform, image_shape),
-                       max(0, num_steps - start_step), num_workers, prefetch)
+  plan = _TrainPlan(indices, batch_size, rows, seed, task, start_step,
+                    num_steps, shuffle)
+  return _iterator(split, plan, labels, transform,
+                   _image_shape(transform, image_shape), num_workers, prefetch,
+                   worker_processes)
 
 
 def eval_batches(split: sources.Split, indices: np.ndarray, labels: np.ndarray,
                  batch_size: int, transform: Callable,
                  image_shape: Sequence[int] | None = None, *,
                  process_index: int = 0, process_count: int = 1,
-                 num_workers: int = 4, prefetch: int = 2) -> BatchIterator:
+                 num_workers: int = 4, prefetch: int = 2,
+                 worker_processes: int = 0):
   """Every sample of ``indices`` once, in order; the last batch padded.
 
   Every process yields the same number of batches (its slice of each global
-  batch), so collective evaluation steps stay in lockstep.
+  batch), so collective evaluation steps stay in lockstep. Arguments as
+  `train_batches`.
   """
   indices = np.asarray(indices, np.int64)
   rows = local_rows(batch_size, process_index, process_count)
-  n = steps_per_epoch(len(indices), batch_size) if len(indices) else 0
-
-  def plan():
-    for j in range(n):
-      yield _padded(indices[j * batch_size:(j + 1) * batch_size],
-                    batch_size)[rows], None
-
-  return BatchIterator(split, plan(), labels, transform,
-                       _image_shape(transform, image_shape), n, num_workers,
-                       prefetch)
+  return _iterator(split, _EvalPlan(indices, batch_size, rows), labels,
+                   transform, _image_shape(transform, image_shape),
+                   num_workers, prefetch, worker_processes)
 
 
-def measure_throughput(iterator: BatchIterator, num_batches: int,
+def measure_throughput(iterator, num_batches: int,
                        warmup: int = 1) -> float:
   """Images per second (real rows only) that ``iterator`` delivers.
 

@@ -55,6 +55,15 @@ class _TfdsRecords:
       self._bytes = images
     self.labels = np.asarray(labels, np.int64)
 
+  # Pickled for the loader's worker processes: a lock cannot be; each copy
+  # gets its own.
+  def __getstate__(self) -> dict:
+    return {k: v for k, v in self.__dict__.items() if k != "_lock"}
+
+  def __setstate__(self, state: dict) -> None:
+    self.__dict__.update(state)
+    self._lock = threading.Lock()
+
   def encoded(self, i: int) -> bytes:
     if self._bytes is not None:
       return self._bytes[i]
