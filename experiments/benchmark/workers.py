@@ -6,8 +6,9 @@ What feeding an accelerator costs in host cores: the runner's train loader
 with 1 and 2 grain worker processes (and threads, for reference). A worker
 assembles its batches in one thread, so the 1-process rate is the rate of one
 busy core; the 1 -> 2 speed-up says whether that rate adds up over cores
-(the consumer, this process, takes the batches from shared memory without
-copying: about 4% of a worker's CPU time per batch).
+(the consumer, this process, copies each batch out of shared memory: about
+a tenth of a worker's CPU time per batch, which on a 2-core machine competes
+with the two workers, bounding the speed-up near 1.8).
 The cores each chip needs are the estimated train step rates
 (`flops.accelerator_estimates`) over that per-core rate.
 """

@@ -131,11 +131,11 @@ class ProcessBatchIterator:
       # an interrupt: the workers stop either way.
       self.close()
       raise
-    # With several workers grain hands arrays over in shared memory (no
-    # copy: the consumer's share of the work stays ~4% of a worker's), freed
-    # when the last view of them dies. A batch kept alive until interpreter
-    # exit makes grain print an ignored error there; the runner keeps none.
-    return {k: v.view(np.ndarray) for k, v in batch.items()}
+    # With several workers grain hands arrays over in shared memory, freed
+    # when the last reference to them dies. A plain copy frees it now: a
+    # view would live on in whatever keeps it (a CPU jax.Array may alias
+    # it) and be freed, with a warning, only at interpreter exit.
+    return {k: np.array(v) for k, v in batch.items()}
 
   def close(self) -> None:
     """Stops and joins the worker processes. Safe to call twice."""
