@@ -148,14 +148,20 @@ def _running(pid: int) -> bool:
 def test_workers_exit_when_their_parent_is_killed(tmp_path):
   _folder(str(tmp_path))
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  proc = subprocess.Popen([sys.executable, "-c", _KILLED_PARENT, str(tmp_path)],
-                          stdout=subprocess.PIPE, text=True, cwd=root)
-  try:
-    pids = [int(p) for p in proc.stdout.readline().split()]
-    assert len(pids) == 2 and all(_running(p) for p in pids)
-  finally:
-    proc.kill()
-    proc.wait()
+  # The killed parent's resource tracker reports the shared memory it
+  # cleans up on that stderr: kept out of the test output, shown on failure.
+  with open(tmp_path / "stderr", "w+", encoding="utf-8") as err:
+    proc = subprocess.Popen([sys.executable, "-c", _KILLED_PARENT,
+                             str(tmp_path)], stdout=subprocess.PIPE,
+                            stderr=err, text=True, cwd=root)
+    try:
+      pids = [int(p) for p in proc.stdout.readline().split()]
+      err.seek(0)
+      assert len(pids) == 2 and all(_running(p) for p in pids), err.read()
+    finally:
+      proc.kill()
+      proc.wait()
+      proc.stdout.close()
   deadline = time.monotonic() + 15
   while any(_running(p) for p in pids) and time.monotonic() < deadline:
     time.sleep(0.1)
