@@ -146,4 +146,5 @@ def header(s: PipelineSettings) -> str:
   load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
   return (f"input pipeline: {s.images} JPEGs ~500x375, batch {s.batch}, "
           f"{s.batches} timed batches, prefetch {s.prefetch} | "
-          f"{os.cpu_count()} CPUs, load {load:.2f}")
+          f"{os.cpu_count()} CPUs, 1-min load at the end {load:.2f} (other "
+          "work on the machine invalidates the speed-up)")
