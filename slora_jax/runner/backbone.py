@@ -29,6 +29,7 @@ import jax
 import numpy as np
 
 from slora_jax.runner import config as config_lib
+from slora_jax.runner import paths
 from slora_jax.runner import pretrain
 from slora_jax.runner import results as results_lib
 from slora_jax.models import convert
@@ -39,7 +40,7 @@ __all__ = ["build", "synthetic_pretrain", "default_cache_dir"]
 
 def default_cache_dir() -> str:
   return os.environ.get("SLORA_JAX_CACHE",
-                        os.path.join(os.path.expanduser("~"), ".cache", "slora_jax"))
+                        paths.join(paths.expanduser("~"), ".cache", "slora_jax"))
 
 
 def build(m: config_lib.ModelSettings, data: config_lib.DataSettings):
@@ -60,7 +61,7 @@ def build(m: config_lib.ModelSettings, data: config_lib.DataSettings):
     t0 = time.perf_counter()
     params = convert.load_pretrained(m.checkpoint, cfg)
     logging.info("loaded %s in %.1f s", m.checkpoint, time.perf_counter() - t0)
-    info = {"name": m.weights, "checkpoint_path": os.path.abspath(m.checkpoint),
+    info = {"name": m.weights, "checkpoint_path": paths.absolute(m.checkpoint),
             "sha256": results_lib.sha256_file(m.checkpoint), "init": m.init}
   elif m.init == "random":
     params = jax.device_get(vit_lib.init_params(cfg, jax.random.key(m.seed)))
@@ -135,12 +136,12 @@ def synthetic_pretrain(cfg: vit_lib.ViTConfig, p, cache_dir: str | None = None,
       {k: str(getattr(data, k)) for k in ("source", "name", "root", "data_dir")},
       sort_keys=True)
   cache_dir = cache_dir or p.cache_dir or default_cache_dir()
-  path = os.path.join(cache_dir,
+  path = paths.join(cache_dir,
                       f"synthetic_vit_{_cache_key(cfg, p, data_desc)}.safetensors")
-  if os.path.exists(path):
+  if paths.exists(path):
     logging.info("using the cached pre-trained backbone %s", path)
     return path
-  os.makedirs(cache_dir, exist_ok=True)
+  paths.makedirs(cache_dir)
   t0 = time.perf_counter()
   images, labels, desc = _pretrain_images(cfg, p, data)
   n_out = 4 if task == "rotation" else p.num_classes
@@ -155,7 +156,7 @@ def synthetic_pretrain(cfg: vit_lib.ViTConfig, p, cache_dir: str | None = None,
                               log=lambda m: print(m, flush=True))
   tmp = f"{path}.tmp{os.getpid()}"
   convert.save_timm_safetensors(params, tmp, cfg)
-  os.replace(tmp, path)
+  paths.replace(tmp, path)
   return path
 
 

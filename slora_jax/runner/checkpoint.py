@@ -14,13 +14,13 @@ import errno
 import json
 import logging
 import os
-import shutil
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 
 from slora_jax.runner import faults
+from slora_jax.runner import paths
 
 __all__ = ["Checkpointer", "ConfigMismatchError", "WorkdirError",
            "check_fingerprint", "check_workdir", "disk_full_error",
@@ -77,23 +77,25 @@ def check_workdir(workdir: str) -> None:
   a refused workdir must be left exactly as it was.
   """
   try:
-    os.makedirs(workdir, exist_ok=True)
+    paths.makedirs(workdir)
   except (FileExistsError, NotADirectoryError):
     raise WorkdirError(
         errno.ENOTDIR, f"the workdir {workdir} is not a directory (a file is "
         "in the way); pass another --workdir") from None
   except OSError as e:
     if is_disk_full(e):
-      raise disk_full_error(os.path.dirname(os.path.abspath(workdir)),
+      raise disk_full_error(paths.dirname(paths.absolute(workdir)),
                             f"the workdir {workdir}") from None
     raise WorkdirError(
         e.errno, f"cannot create the workdir {workdir} ({e.strerror}); pass a "
         "writable --workdir") from None
-  if not os.path.isdir(workdir):
+  if not paths.isdir(workdir):
     raise WorkdirError(errno.ENOTDIR, f"the workdir {workdir} is not a "
                        "directory; pass another --workdir")
-  for path in (workdir, os.path.join(workdir, "checkpoints")):
-    if os.path.isdir(path) and not os.access(path, os.W_OK | os.X_OK):
+  if not paths.is_local(workdir):
+    return  # object stores: no modes or free space to ask about
+  for path in (workdir, paths.join(workdir, "checkpoints")):
+    if paths.isdir(path) and not os.access(path, os.W_OK | os.X_OK):
       # access() honours read-only mounts even for root; chmod does not.
       read_only = bool(os.statvfs(path).f_flag & os.ST_RDONLY)
       why = "read-only file system" if read_only else "permission denied"
@@ -101,7 +103,7 @@ def check_workdir(workdir: str) -> None:
           errno.EROFS if read_only else errno.EACCES,
           f"the workdir {path} is not writable ({why}); pass a writable "
           "--workdir, or copy the run to one to resume it")
-  if shutil.disk_usage(workdir).free < MIN_FREE_BYTES:
+  if paths.free_bytes(workdir) < MIN_FREE_BYTES:
     raise disk_full_error(workdir)
 
 
@@ -119,7 +121,7 @@ class Checkpointer:
   """Saves and restores (state, meta) pairs under ``workdir/checkpoints``."""
 
   def __init__(self, workdir: str, keep: int = 3):
-    self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    self.directory = paths.absolute(paths.join(workdir, "checkpoints"))
     options = ocp.CheckpointManagerOptions(
         preservation_policy=ocp.checkpoint_managers.LatestN(n=keep),
         # Saves are small (adapters, head) and a synchronous save makes the

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from typing import Sequence
 
 import slora_jax as sl
 from slora_jax.runner import metrics
+from slora_jax.runner import paths
 from slora_jax.runner import results as results_lib
 
 __all__ = ["payload", "session_line", "task_line", "final_lines"]
@@ -76,4 +76,4 @@ def final_lines(p: dict, seed: int, wall_s: float, path: str) -> str:
   return ("top-1 accuracy (%) on each task's classes, task-agnostic, merged "
           f"weights:\n{matrix}\nseed {seed}: Acc {s['acc']:.2f}  AAA "
           f"{s['aaa']:.2f}{forgetting}  ({wall_s:.0f} s)\n  -> {path}, "
-          f"{os.path.join(os.path.dirname(path), 'results.png')}")
+          f"{paths.join(paths.dirname(path), 'results.png')}")

@@ -39,16 +39,17 @@ import dataclasses
 import datetime
 import hashlib
 import importlib.metadata
+import io
 import json
 import math
 import os
 import platform
-import tempfile
 from typing import Any, Optional, Sequence
 
 import numpy as np
 
 from slora_jax.runner import metrics
+from slora_jax.runner import paths
 
 __all__ = [
     "SCHEMA_VERSION", "RESULTS_FILENAME", "ResultsError", "to_jsonable",
@@ -102,25 +103,11 @@ def to_jsonable(obj: Any) -> Any:
 def write_json(path, obj) -> str:
   """Writes ``to_jsonable(obj)`` to ``path`` atomically; returns the path.
 
-  Writes a temporary file in the same directory, fsyncs it and ``os.replace``s
-  it, so a reader (or a crash) never sees a half-written file.
+  Through `paths.write_atomic`: a reader (or a crash) never sees a
+  half-written file, locally or on gs://.
   """
-  path = os.fspath(path)
   data = json.dumps(to_jsonable(obj), indent=1, allow_nan=False) + "\n"
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=directory)
-  try:
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-      f.write(data)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-  return path
+  return paths.write_atomic(path, data)
 
 
 def collect_versions() -> dict:
@@ -152,10 +139,10 @@ def collect_versions() -> dict:
 
 def sha256_file(path) -> Optional[str]:
   """Hex SHA-256 of a file (e.g. the backbone checkpoint); None if it is missing."""
-  if path is None or not os.path.isfile(path):
+  if path is None or not paths.isfile(path):
     return None
   h = hashlib.sha256()
-  with open(path, "rb") as f:
+  with paths.open_file(path, "rb") as f:
     for chunk in iter(lambda: f.read(1 << 20), b""):
       h.update(chunk)
   return h.hexdigest()
@@ -258,7 +245,7 @@ def write_results(workdir, payload) -> str:
   data.setdefault("created_utc", _utc_now())
   data["written_utc"] = _utc_now()
   validate_results(data, where="payload")
-  return write_json(os.path.join(os.fspath(workdir), RESULTS_FILENAME), data)
+  return write_json(paths.join(workdir, RESULTS_FILENAME), data)
 
 
 def load_results(path) -> dict:
@@ -269,11 +256,10 @@ def load_results(path) -> dict:
       names the file and the problem on one line.
   """
   path = os.fspath(path)
-  if os.path.isdir(path):
-    path = os.path.join(path, RESULTS_FILENAME)
+  if paths.isdir(path):
+    path = paths.join(path, RESULTS_FILENAME)
   try:
-    with open(path, encoding="utf-8") as f:
-      d = json.load(f)
+    d = json.loads(paths.read_text(path))
   except FileNotFoundError:
     raise ResultsError(f"{path}: no such file") from None
   except json.JSONDecodeError as e:
@@ -365,8 +351,9 @@ def plot_results(results: dict, path_png) -> str:
                  f"Acc {summary['acc']:.2f}  AAA {summary['aaa']:.2f}", fontsize=10)
   fig.tight_layout()
   path_png = os.fspath(path_png)
-  os.makedirs(os.path.dirname(os.path.abspath(path_png)), exist_ok=True)
-  fig.savefig(path_png, bbox_inches="tight")  # rotated tick labels can overhang
+  png = io.BytesIO()
+  fig.savefig(png, format="png", bbox_inches="tight")  # rotated labels overhang
+  paths.write_atomic(path_png, png.getvalue())
   return path_png
 
 

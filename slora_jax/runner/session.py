@@ -10,7 +10,6 @@ finished tasks' records). The task loop (`slora_jax.runner.train`) passes a
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from typing import Any, Callable
 
@@ -24,6 +23,7 @@ from slora_jax.runner import config as config_lib
 from slora_jax.runner import experiment_data
 from slora_jax.runner import metrics
 from slora_jax.runner import parallel
+from slora_jax.runner import paths
 from slora_jax.runner import steps as steps_lib
 
 __all__ = ["Cursor", "Session", "Progress", "open_session", "fingerprint"]
@@ -127,7 +127,7 @@ class EventWriter:
 def _writer(workdir: str) -> EventWriter | None:
   if jax.process_index() != 0:
     return None
-  return EventWriter(os.path.join(workdir, "tensorboard"))
+  return EventWriter(paths.tensorboard_dir(paths.join(workdir, "tensorboard")))
 
 
 def open_session(exp: config_lib.Experiment, seed: int, workdir: str) -> Session:

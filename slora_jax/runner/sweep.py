@@ -15,6 +15,7 @@ import jax
 
 from slora_jax.runner import config as config_lib
 from slora_jax.runner import methods as methods_lib
+from slora_jax.runner import paths
 from slora_jax.runner import results as results_lib
 from slora_jax.runner import train
 
@@ -26,7 +27,7 @@ ALL = "all"
 def _header(exp: config_lib.Experiment, config_file: str, workdir: str) -> str:
   seeds = ", ".join(str(s) for s in exp.seeds)
   return (f"slora-jax: {exp.method.name} ({exp.semantics} semantics), seed(s) "
-          f"{seeds}; config {os.path.relpath(config_file)}\n"
+          f"{seeds}; config {os.path.relpath(config_file)}\n"  # path-ok: local file
           f"results: {workdir}/seed_<seed>/results.json and results.png; the "
           f"full config: {workdir}/config.json")
 
@@ -45,14 +46,14 @@ def run(config, workdir: str, config_file: str) -> list[dict]:
     c = config.copy_and_resolve_references()
     c.method = name
     exp = config_lib.from_config(c)
-    sub = os.path.join(workdir, name)
+    sub = paths.join(workdir, name)
     print(f"\n== {name}: {exp.method.summary}", flush=True)
     print(_header(exp, config_file, sub), flush=True)
     by_method[name] = train.train_and_evaluate(exp, sub)
   rows = summary_rows(by_method)
   print("\n" + format_table(rows), flush=True)
   if jax.process_index() == 0:                     # one writer per run
-    path = results_lib.write_json(os.path.join(workdir, "methods.json"), rows)
+    path = results_lib.write_json(paths.join(workdir, "methods.json"), rows)
     print(f"table saved: {path}", flush=True)
   return [p for ps in by_method.values() for p in ps]
 

@@ -18,7 +18,6 @@ import dataclasses
 import errno
 import functools
 import math
-import os
 import sys
 import time
 
@@ -35,6 +34,7 @@ from slora_jax.runner import interrupt
 from slora_jax.runner import lock
 from slora_jax.runner import metrics
 from slora_jax.runner import parallel
+from slora_jax.runner import paths
 from slora_jax.runner import progress as progress_lib
 from slora_jax.runner import report
 from slora_jax.runner import results as results_lib
@@ -51,9 +51,9 @@ def train_and_evaluate(exp: config_lib.Experiment, workdir: str) -> list[dict]:
   second run on the same workdir is refused while this one runs.
   """
   parallel.maybe_initialize_distributed(exp.distributed)
-  config_json = os.path.join(workdir, "config.json")
+  config_json = paths.join(workdir, "config.json")
   with lock.hold(workdir), interrupt.handling_signals():
-    return [run_seed(exp, int(seed), os.path.join(workdir, f"seed_{seed}"),
+    return [run_seed(exp, int(seed), paths.join(workdir, f"seed_{seed}"),
                      config_json) for seed in exp.seeds]
 
 
@@ -324,10 +324,10 @@ def finish_task(s: Session, state: Progress, record: dict) -> Progress:
 def finish_run(s: Session, state: Progress) -> dict:
   """Writes the final results and plot, closes the run, prints the summary."""
   payload = report.payload(s, state.done, state.adapters)
-  path = os.path.join(s.workdir, results_lib.RESULTS_FILENAME)
+  path = paths.join(s.workdir, results_lib.RESULTS_FILENAME)
   if jax.process_index() == 0:
     path = results_lib.write_results(s.workdir, payload)
-    results_lib.plot_results(payload, os.path.join(s.workdir, "results.png"))
+    results_lib.plot_results(payload, paths.join(s.workdir, "results.png"))
   faults.point("final")
   s.ckpt.close()
   if s.writer:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import gzip
-import os
 import struct
 from typing import Sequence
 
 import numpy as np
 
+from slora_jax.runner import paths
 from slora_jax.runner.data.sources.core import (DataError, Source, Split, _one_line,
                                                _rgb)
 
@@ -21,8 +22,10 @@ _IDX_FIX = ("reinstall the files (apt-get install --reinstall "
             "dataset-fashion-mnist) or point --config.data.root at intact ones")
 
 
+@contextlib.contextmanager
 def _open_idx(path: str):
-  return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
+  with paths.open_file(path, "rb") as f:
+    yield gzip.GzipFile(fileobj=f, mode="rb") if path.endswith(".gz") else f
 
 
 def _idx_header(f, path: str, ndim: int) -> tuple[int, ...]:
@@ -68,8 +71,8 @@ class IdxSource(Source):
   """
 
   def __init__(self, root: str, class_names: Sequence[str] | None = None):
-    root = os.path.expanduser(root or "")
-    if not root or not os.path.isdir(root):
+    root = paths.expanduser(root)
+    if not root or not paths.isdir(root):
       raise DataError(f"IDX data directory {root!r} does not exist; install "
                       "Fashion-MNIST (apt-get install dataset-fashion-mnist) "
                       "or set --config.data.root")
@@ -80,8 +83,8 @@ class IdxSource(Source):
       found = []
       for name in names:
         for candidate in (name + ".gz", name):
-          if os.path.isfile(os.path.join(root, candidate)):
-            found.append(os.path.join(root, candidate))
+          if paths.isfile(paths.join(root, candidate)):
+            found.append(paths.join(root, candidate))
             break
         else:
           raise DataError(f"{root}: missing {name}[.gz]; expected the four IDX "

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import logging
-import os
 import threading
 
 import numpy as np
 
+from slora_jax.runner import paths
 from slora_jax.runner.data.sources.core import (DataError, DOMAINNET_DOMAINS, Source,
                                                Split, TFDS_SPLIT_MODES,
                                                _decode_image)
@@ -139,7 +139,8 @@ class TfdsSource(Source):
     if not name:
       raise DataError("data.name is empty; set --config.data.name to a TFDS "
                       "builder such as cifar100")
-    data_dir = os.path.expanduser(data_dir) if data_dir else None
+    # tfds reads gs:// data_dirs itself (through tf.io.gfile).
+    data_dir = paths.expanduser(data_dir) if data_dir else None
     names = ([f"domainnet/{d}" for d in DOMAINNET_DOMAINS] if name == "domainnet"
              else [n.strip() for n in name.split(",") if n.strip()])
     builders = [_tfds_builder(n, data_dir, (image_key, label_key))
