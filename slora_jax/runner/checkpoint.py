@@ -87,8 +87,8 @@ def check_workdir(workdir: str) -> None:
       raise disk_full_error(paths.dirname(paths.absolute(workdir)),
                             f"the workdir {workdir}") from None
     raise WorkdirError(
-        e.errno, f"cannot create the workdir {workdir} ({e.strerror}); pass a "
-        "writable --workdir") from None
+        e.errno, f"cannot create the workdir {workdir} "
+        f"({e.strerror or e}); pass a writable --workdir") from None
   if not paths.isdir(workdir):
     raise WorkdirError(errno.ENOTDIR, f"the workdir {workdir} is not a "
                        "directory; pass another --workdir")
