@@ -22,6 +22,16 @@ __all__ = ["is_local", "join", "absolute", "dirname", "expanduser", "exists",
            "tensorboard_dir"]
 
 
+def _read_umask() -> int:
+  mask = os.umask(0o022)   # the only portable way to read it; set straight
+  os.umask(mask)           # back, once, at import (before any worker thread)
+  return mask
+
+
+# What open() gives a new file; mkstemp's temporaries are 0600.
+_FILE_MODE = 0o666 & ~_read_umask()
+
+
 def is_local(path) -> bool:
   return "://" not in os.fspath(path)
 
@@ -162,6 +172,8 @@ def write_atomic(path, data: bytes | str) -> str:
   fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1],
                              dir=folder)
   try:
+    # mkstemp creates 0600; a result file gets what open() would give it.
+    os.fchmod(fd, _FILE_MODE)
     with os.fdopen(fd, "wb") as f:
       f.write(data)
       f.flush()
