@@ -23,7 +23,8 @@ def test_alternate_swaps_sides_every_round_and_takes_medians(monkeypatch):
     return run
 
   ours, torch_med = versus_torch.alternate(
-      {"step t=0": call("ours")}, {"step t=0": call("torch")}, repeats=3)
+      {"step t=0": call("ours")}, {"step t=0": call("torch")}, repeats=3,
+      warmup=0)
   assert log == ["ours", "torch", "torch", "ours", "ours", "torch"]
   assert ours == {"step t=0": 2.0} and torch_med == {"step t=0": 5.0}
 
@@ -66,3 +67,12 @@ def test_cases_cover_both_batches_and_the_demo_size():
   assert demo.tasks == (0, 4) and demo.eval_batch == 250
   assert demo.settings.rank == 4 and not demo.peak_target
   assert cases[0].tasks == (0, 19)
+
+
+def test_alternate_drops_warmup_rounds(monkeypatch):
+  monkeypatch.setattr(versus_torch, "PAUSE_S", 0.0)
+  seq = {"ours": iter([9.0, 1.0, 3.0]), "torch": iter([9.0, 2.0, 4.0])}
+  ours, theirs = versus_torch.alternate(
+      {"plain": lambda: next(seq["ours"])},
+      {"plain": lambda: next(seq["torch"])}, repeats=2, warmup=1)
+  assert ours == {"plain": 2.0} and theirs == {"plain": 3.0}

@@ -35,6 +35,13 @@ STEP_T0 = 1.0
 STEP_T19 = 0.6
 PLAIN_EVAL = 1.0
 PAUSE_S = 0.2   # lets the idle side's worker threads stop spinning
+# Right after the other process has built its models our first steps run up
+# to 1.8x slower for a few calls (measured: 2.22, 1.62, 1.42, then 1.25 s at
+# ViT-B/16 batch 4, while back-to-back calls take 1.2-1.25 s); whole
+# alternating rounds run untimed first.
+WARMUP_ROUNDS = 2
+_REPO = os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))))
 
 
 class TorchProcess:
@@ -44,7 +51,8 @@ class TorchProcess:
     env = dict(os.environ, SLORA_JAX_TORCH_THREADS=str(threads))
     self._proc = subprocess.Popen(
         [sys.executable, "-m", "experiments.torch_reference", "--serve"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
+        cwd=_REPO)
     self.info = self.request(op="info")
 
   def request(self, **req) -> dict:
@@ -133,15 +141,19 @@ def torch_side(proc: TorchProcess, case: Case) -> dict[str, Callable[[], float]]
   return calls
 
 
-def alternate(ours: dict, theirs: dict, repeats: int) -> tuple[dict, dict]:
-  """Medians of ``repeats`` alternating rounds over the call names."""
+def alternate(ours: dict, theirs: dict, repeats: int,
+              warmup: int = WARMUP_ROUNDS) -> tuple[dict, dict]:
+  """Medians of ``repeats`` alternating rounds over the call names, after
+  ``warmup`` untimed ones."""
   got = {"ours": {k: [] for k in ours}, "torch": {k: [] for k in ours}}
   sides = (("ours", ours), ("torch", theirs))
-  for r in range(repeats):
+  for r in range(warmup + repeats):
     for name in ours:
       for side, calls in (sides if r % 2 == 0 else sides[::-1]):
         time.sleep(PAUSE_S)
-        got[side][name].append(calls[name]())
+        seconds = calls[name]()
+        if r >= warmup:
+          got[side][name].append(seconds)
   med = {side: {k: timing.median(v) for k, v in d.items()}
          for side, d in got.items()}
   return med["ours"], med["torch"]
