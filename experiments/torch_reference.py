@@ -185,7 +185,8 @@ def serve(stdin=sys.stdin, stdout=sys.stdout) -> None:
   ``{"op": "load", "key": k, "tasks": t, "batch": b, "eval_batch": e,
   "dims": {...}}`` builds a workload; ``{"op": "time", "key": k, "call":
   "step"|"eval"|"plain"}`` runs it once and answers its seconds;
-  ``{"op": "info"}`` answers the torch version and thread count. The
+  ``{"op": "info"}`` answers the torch version and thread count; ``{"op":
+  "clear"}`` drops every workload. The
   benchmark drives this from its own process (experiments/benchmark/
   versus_torch.py), so XLA's and PyTorch's thread pools never run at once.
   """
@@ -195,7 +196,10 @@ def serve(stdin=sys.stdin, stdout=sys.stdout) -> None:
     op = req["op"]
     if op == "quit":
       break
-    if op == "info":
+    if op == "clear":
+      loaded.clear()
+      ans = {"ok": True}
+    elif op == "info":
       ans = {"version": torch.__version__, "threads": torch.get_num_threads(),
              "pid": os.getpid()}
     elif op == "load":

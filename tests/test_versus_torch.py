@@ -66,7 +66,7 @@ def test_cases_cover_both_batches_and_the_demo_size():
   assert (demo.cfg.image_size, demo.cfg.width, demo.cfg.depth) == (28, 128, 6)
   assert demo.tasks == (0, 4) and demo.eval_batch == 250
   assert demo.settings.rank == 4 and not demo.peak_target
-  assert cases[0].tasks == (0, 19)
+  assert cases[0].tasks == (0, 19) and cases[1].tasks == (0, 5)
 
 
 def test_alternate_drops_warmup_rounds(monkeypatch):

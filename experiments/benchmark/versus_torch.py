@@ -171,6 +171,9 @@ def case_rows(table: Table, case: Case, ours: dict, theirs: dict,
             ("plain", PLAIN_EVAL))
   for name, bound in checks:
     r = ratio(ours[name], theirs[name])
+    if name == f"step t={t_hi}" and t_hi != 19:
+      table.add(f"{case.name}: {name}, ours / port", r, "x")  # no target
+      continue
     table.check(f"{case.name}: {name}, ours / port", r, "x", f"<= {bound}",
                 within(r, bound))
   r = ratio(ours[f"eval t={t_hi}"], theirs[f"eval t={t_hi}"])
@@ -193,6 +196,8 @@ def compare(table: Table, cases: list[Case], repeats: int,
       theirs = torch_side(proc, case)
       ours_med, torch_med = alternate(ours, theirs, repeats)
       case_rows(table, case, ours_med, torch_med, train_flops, xla_peak)
+      del ours, theirs
+      proc.request(op="clear")
   finally:
     proc.close()
 
@@ -204,8 +209,11 @@ def cases(s: Settings) -> list[Case]:
               s.batch)]
   if s.torch_batch and s.torch_batch != s.batch:
     b = dataclasses.replace(s, batch=s.torch_batch)
+    # The port keeps every earlier task's full-width branch output for its
+    # backward: at ViT-B/16 batch 32 and t=19 its process reached 19.5 GB
+    # and was killed on a 24 GB machine, so larger batches compare at t=5.
     out.append(Case(f"{s.model} batch {b.batch}", b, b.vit_config(),
-                    (0, t_hi), b.batch))
+                    (0, min(t_hi, 5)), b.batch))
   if s.torch_demo:
     out.append(demo_case(s))
   return out
