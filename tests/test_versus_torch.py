@@ -14,6 +14,8 @@ from slora_jax.models import vit  # pylint: disable=wrong-import-position
 
 def test_alternate_swaps_sides_every_round_and_takes_medians(monkeypatch):
   monkeypatch.setattr(versus_torch, "PAUSE_S", 0.0)
+  monkeypatch.setattr(versus_torch, "WARM_CALL_S", 0.0)
+  monkeypatch.setattr(versus_torch, "SHORT_CALL_S", 0.0)
   log, values = [], {"ours": iter([3.0, 1.0, 2.0]), "torch": iter([6.0, 5.0, 4.0])}
 
   def call(side):
@@ -66,13 +68,28 @@ def test_cases_cover_both_batches_and_the_demo_size():
   assert (demo.cfg.image_size, demo.cfg.width, demo.cfg.depth) == (28, 128, 6)
   assert demo.tasks == (0, 4) and demo.eval_batch == 250
   assert demo.settings.rank == 4 and not demo.peak_target
-  assert cases[0].tasks == (0, 19) and cases[1].tasks == (0, 5)
+  assert cases[0].tasks == (0, 19) and cases[1].tasks == (0,)
 
 
 def test_alternate_drops_warmup_rounds(monkeypatch):
   monkeypatch.setattr(versus_torch, "PAUSE_S", 0.0)
   seq = {"ours": iter([9.0, 1.0, 3.0]), "torch": iter([9.0, 2.0, 4.0])}
+  monkeypatch.setattr(versus_torch, "WARM_CALL_S", 0.0)   # no untimed call
+  monkeypatch.setattr(versus_torch, "SHORT_CALL_S", 0.0)  # one timed call
   ours, theirs = versus_torch.alternate(
       {"plain": lambda: next(seq["ours"])},
       {"plain": lambda: next(seq["torch"])}, repeats=2, warmup=1)
   assert ours == {"plain": 2.0} and theirs == {"plain": 3.0}
+
+
+def test_short_calls_get_a_warm_call_and_several_timed_ones():
+  log = []
+  def call():
+    log.append(len(log))
+    return 0.01 * len(log)
+  got = versus_torch._turn(call, duration=0.05)  # pylint: disable=protected-access
+  assert len(log) == 1 + versus_torch.TURN_CALLS
+  assert got == [0.01 * k for k in range(2, 2 + versus_torch.TURN_CALLS)]
+  log.clear()
+  assert len(versus_torch._turn(call, duration=10.0)) == 1  # pylint: disable=protected-access
+  assert len(log) == 1                # long calls: no untimed call
