@@ -93,3 +93,16 @@ def test_short_calls_get_a_warm_call_and_several_timed_ones():
   log.clear()
   assert len(versus_torch._turn(call, duration=10.0)) == 1  # pylint: disable=protected-access
   assert len(log) == 1                # long calls: no untimed call
+
+
+def test_case_rows_at_t0_only_keep_the_step_target():
+  s = Settings(model="vit_ti16", tasks=(0, 19), capacity=20, batch=32)
+  case = versus_torch.Case("b32", s, s.vit_config(), (0,), 32)
+  table = Table()
+  versus_torch.case_rows(table, case, {"step t=0": 2.0, "plain": 1.0},
+                         {"step t=0": 1.0, "plain": 1.0}, train_flops=1e9,
+                         xla_peak=100.0)
+  names = [r.name for r in table.rows]
+  assert len(names) == len(set(names))
+  assert table["b32: step t=0, ours / port"].verdict == "FAIL"
+  assert table["b32: plain, ours / port"].verdict == "PASS"
