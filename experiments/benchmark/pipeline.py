@@ -45,7 +45,7 @@ def write_jpeg_folder(root: str, classes: int = 10, per_class: int = 20,
 
 
 def pipeline_factories(s: Settings,
-                       folder_root: str) -> dict[str, Callable[[], loader.BatchIterator]]:
+                       folder_root: str) -> dict[str, Callable[[], loader.Batches]]:
   """``{name: fresh train-batch iterator}`` for the demo data and a JPEG folder."""
 
   def factory(split, size):

@@ -115,7 +115,7 @@ class ExperimentData:
 
   @contextlib.contextmanager
   def train_batches(self, t: int,
-                    start_step: int = 0) -> Iterator[loader.BatchIterator]:
+                    start_step: int = 0) -> Iterator[loader.Batches]:
     """Local batches of phase ``t`` for steps ``start_step .. total - 1``."""
     d = self.data
     it = loader.train_batches(
@@ -136,7 +136,7 @@ class ExperimentData:
     ends = np.cumsum(self.task_sizes)
     return int(np.searchsorted(ends, self.eval_hi(t)) + 1)
 
-  def eval_batches(self, hi: int) -> loader.BatchIterator:
+  def eval_batches(self, hi: int) -> loader.Batches:
     """Local batches over the test samples with label < ``hi``, padded."""
     d = self.data
     return loader.eval_batches(

@@ -43,7 +43,7 @@ import numpy as np
 from slora_jax.runner.data import sources
 from slora_jax.runner.data import transforms
 
-__all__ = ["BatchIterator", "train_batches", "eval_batches", "steps_per_epoch",
+__all__ = ["Batches", "BatchIterator", "train_batches", "eval_batches", "steps_per_epoch",
            "epoch_order", "local_rows", "measure_throughput"]
 
 _PAD = -1
@@ -236,7 +236,38 @@ class _Producer:
     self.pool.shutdown(wait=True)
 
 
-class BatchIterator:
+class Batches:
+  """What both backends give: ``len()``, iteration, ``close()`` and ``with``.
+
+  Subclasses implement ``__next__`` and ``close`` (safe to call twice).
+  """
+
+  def __init__(self, split: sources.Split, labels, num_batches: int):
+    self._labels = np.asarray(labels)
+    if len(self._labels) != len(split):
+      raise ValueError(f"{len(self._labels)} labels for {len(split)} samples")
+    self._num_batches = int(num_batches)
+
+  def __len__(self) -> int:
+    return self._num_batches
+
+  def __iter__(self) -> Iterator[dict]:
+    return self
+
+  def __next__(self) -> dict:
+    raise NotImplementedError
+
+  def close(self) -> None:
+    raise NotImplementedError
+
+  def __enter__(self) -> "Batches":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+
+class BatchIterator(Batches):
   """Decodes planned batches in background threads; yields them in order.
 
   Args:
@@ -258,24 +289,15 @@ class BatchIterator:
                labels: np.ndarray, transform: Callable,
                image_shape: Sequence[int], num_batches: int,
                num_workers: int = 4, prefetch: int = 2):
-    labels = np.asarray(labels)
-    if len(labels) != len(split):
-      raise ValueError(f"{len(labels)} labels for {len(split)} samples")
-    self._num_batches = int(num_batches)
+    super().__init__(split, labels, num_batches)
     self._closed, self._thread = False, None
-    self._producer = _Producer(split, labels, transform,
+    self._producer = _Producer(split, self._labels, transform,
                                tuple(int(s) for s in image_shape), num_workers,
                                prefetch)
     self._thread = threading.Thread(target=self._producer.run,
                                     args=(iter(plan),), name="slora-prefetch",
                                     daemon=True)
     self._thread.start()
-
-  def __len__(self) -> int:
-    return self._num_batches
-
-  def __iter__(self) -> Iterator[dict]:
-    return self
 
   def __next__(self) -> dict:
     if self._closed:
@@ -301,12 +323,6 @@ class BatchIterator:
       return
     self._closed = True
     self._producer.shutdown(self._thread)
-
-  def __enter__(self) -> "BatchIterator":
-    return self
-
-  def __exit__(self, *exc) -> None:
-    self.close()
 
   def __del__(self):
     if getattr(self, "_producer", None) is not None:

@@ -27,7 +27,6 @@ import os
 import signal
 import sys
 import threading
-from typing import Iterator
 
 from absl import flags
 import numpy as np
@@ -86,8 +85,8 @@ def _absl_flags_ready() -> None:
     flags.FLAGS(sys.argv[:1], known_only=True)
 
 
-class ProcessBatchIterator:
-  """`loader.BatchIterator`'s interface over grain worker processes.
+class ProcessBatchIterator(loader.Batches):
+  """`loader.Batches` over grain worker processes.
 
   Args:
     split, plan, labels, transform, image_shape: as `loader.BatchIterator`
@@ -100,11 +99,8 @@ class ProcessBatchIterator:
                worker_processes: int, prefetch: int = 2):
     import grain  # pylint: disable=import-outside-toplevel
     _absl_flags_ready()
-    labels = np.asarray(labels)
-    if len(labels) != len(split):
-      raise ValueError(f"{len(labels)} labels for {len(split)} samples")
-    self._num_batches = len(plan)
-    batch_at = _BatchAt(split, plan, labels, transform,
+    super().__init__(split, labels, len(plan))
+    batch_at = _BatchAt(split, plan, self._labels, transform,
                         tuple(int(s) for s in image_shape))
     # num_threads=0: no reader threads inside a worker (one core each).
     ds = (grain.MapDataset.range(self._num_batches).map(batch_at)
@@ -114,12 +110,6 @@ class ProcessBatchIterator:
         per_worker_buffer_size=max(1, int(prefetch))), _worker_init)
     self._closed = False
     self._it = iter(ds)
-
-  def __len__(self) -> int:
-    return self._num_batches
-
-  def __iter__(self) -> Iterator[dict]:
-    return self
 
   def __next__(self) -> dict:
     if self._closed:
@@ -149,12 +139,6 @@ class ProcessBatchIterator:
     # cycles; collecting now frees those blocks (else they are only freed,
     # with a resource_tracker warning, at interpreter exit).
     gc.collect()
-
-  def __enter__(self) -> "ProcessBatchIterator":
-    return self
-
-  def __exit__(self, *exc) -> None:
-    self.close()
 
   def __del__(self):
     if getattr(self, "_it", None) is not None:
