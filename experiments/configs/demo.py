@@ -1,12 +1,14 @@
 """The embedded default: Split Fashion-MNIST-R, a miniature of ImageNet-R.
 
-The paper adapts a ViT pre-trained with labels on ImageNet-21k photos to
+The paper adapts a ViT pre-trained with labels on ImageNet-21k (photos, and
+the drawings and paintings the web holds of many of its classes) to
 ImageNet-R, renditions of classes it knows, learned class-incrementally. Here:
 
 * the backbone: a 6-block ViT (width 128, 28 px, patch 7) trained with the
-  ten garment labels on the first 50,000 clean Fashion-MNIST training images,
-  committed as ``experiments/assets/demo_vit.safetensors`` (the manifest
-  beside it gives the command that made it, its sha256 and accuracy);
+  ten garment labels on the first 50,000 Fashion-MNIST training images,
+  clean and in each rendition style, committed as
+  ``experiments/assets/demo_vit.safetensors`` (the manifest beside it gives
+  the command that made it, its sha256 and accuracies);
 * the data: Fashion-MNIST-R (slora_jax/runner/data/sources/renditions.py),
   renditions of the other 10,000 training images and of the test images in
   five styles; a class is a (garment, style) pair, 50 classes in 5 tasks of
@@ -33,7 +35,8 @@ def get_config():
   c.seeds = (1993,)
   c.benchmark = "split_fashion_mnist_r"
   c.model.name = "custom"
-  c.model.weights = ("demo ViT: labels on 50,000 clean Fashion-MNIST images "
+  c.model.weights = ("demo ViT: garment labels on 50,000 Fashion-MNIST "
+                     "images, clean and rendered "
                      "(experiments/make_demo_backbone.py)")
   c.model.init = "pretrained"
   c.model.checkpoint = BACKBONE

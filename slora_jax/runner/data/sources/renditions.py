@@ -1,9 +1,11 @@
 """Fashion-MNIST-R: the ten garments drawn in other styles (an ImageNet-R miniature).
 
 ImageNet-R holds renditions (cartoons, paintings, sketches, ...) of classes
-that a ViT pre-trained on ImageNet-21k photos already knows. Here a backbone
-pre-trained with labels on *clean* Fashion-MNIST training images meets
-renditions of *other* images of the same garments:
+that a ViT pre-trained on ImageNet-21k (photos, and the drawings and
+paintings the web holds of many of its classes) already knows. Here a
+backbone pre-trained with garment labels on the first Fashion-MNIST training
+images, clean and rendered, meets renditions of *other* images of the same
+garments:
 
 * ``inverted``: 255 - x (a negative);
 * ``edges``: Sobel gradient magnitude of a lightly blurred image (an outline,
@@ -21,8 +23,8 @@ a sample gets is fixed by a seeded permutation of the split (balanced).
 Classes (``classes``): ``'garment'`` (the ten garments; the style is a
 nuisance, as in ImageNet-R) or ``'pair'`` (one class per (garment, style)).
 ``skip_train`` leaves out the first training images, the ones the backbone
-was pre-trained on, so the learner never sees a rendition of an image the
-backbone saw clean.
+was pre-trained on, so the learner never sees an image the backbone saw, in
+any style.
 """
 
 from __future__ import annotations
