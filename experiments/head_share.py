@@ -1,0 +1,159 @@
+"""How much of a run's task-agnostic error is its head's: the final model read two ways.
+
+    python -m experiments.head_share WORKDIR [--seed=1993]
+
+Loads the checkpoint the run's last evaluation used (as
+``experiments.export`` loads one), merges the adapters and scores the run's own test images twice: against every
+trained class (task-agnostic, the run's top-1) and against the classes of
+the image's own task only (task-aware). The gap between the two is error
+the features do not make: a right answer that another task's head row
+outscores. Prints and writes ``<seed dir>/head_share.json``: per task both
+accuracies and the share of its images sent to an earlier or a later task;
+over all errors, the share landing in another task and, for classes named
+``'garment / style'`` (Fashion-MNIST-R pairs), whether the class picked
+shares the garment or the style.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import jax
+import numpy as np
+
+import slora_jax as sl
+from experiments import export as export_lib
+from slora_jax.runner import experiment_data
+from slora_jax.runner.data import transforms
+
+__all__ = ["summarize", "head_share"]
+
+
+def _pct(x) -> float:
+  return round(100.0 * float(np.mean(x)), 2) if np.size(x) else float("nan")
+
+
+def summarize(logits: np.ndarray, labels: np.ndarray, task_sizes,
+              names=None) -> dict:
+  """Task-agnostic vs task-aware accuracy of ``logits`` (rows: samples).
+
+  ``labels`` are head rows; task ``k`` owns the next ``task_sizes[k]`` rows.
+  ``names`` (one per row) of the form ``'garment / style'`` add the garment
+  and style shares of the cross-task errors.
+  """
+  bounds = np.cumsum([0, *task_sizes])
+  task_of = np.searchsorted(bounds, np.arange(bounds[-1]), side="right") - 1
+  pred = logits.argmax(1)
+  own = np.empty_like(pred)
+  for k, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
+    m = task_of[labels] == k
+    own[m] = lo + logits[m, lo:hi].argmax(1)
+  task, ptask = task_of[labels], task_of[pred]
+  per_task = [{"task": k + 1, "top1": _pct(pred[m] == labels[m]),
+               "own_task_rows_only": _pct(own[m] == labels[m]),
+               "to_earlier_task": _pct(ptask[m] < k),
+               "to_later_task": _pct(ptask[m] > k)}
+              for k in range(len(task_sizes)) for m in [task == k]]
+  err = pred != labels
+  cross = err & (ptask != task)
+  out = {"top1": _pct(~err), "own_task_rows_only": _pct(own == labels),
+         "errors": int(err.sum()), "errors_in_another_task": _pct(cross[err]),
+         "per_task": per_task}
+  if names is not None and all(n.count(" / ") == 1 for n in names):
+    parts = np.asarray([n.split(" / ") for n in names])
+    same_g = parts[pred, 0] == parts[labels, 0]
+    same_s = parts[pred, 1] == parts[labels, 1]
+    out |= {"cross_task_same_garment": _pct(same_g[cross]),
+            "cross_task_same_style": _pct(same_s[cross])}
+  return out
+
+
+def _logits(run: dict, data, index: np.ndarray, batch: int = 250):
+  d = data.data
+  tf = transforms.EvalTransform(d.image_size, d.resize_size, d.normalize)
+  params = sl.merge(run["params"], run["adapters"])
+  head = run["head"]
+  fwd = jax.jit(lambda x: sl.apply_head(
+      head, run["model"].apply({"params": params}, x)))
+  out = []
+  for lo in range(0, len(index), batch):
+    x = np.stack([tf(data.split_test.read(i)) for i in index[lo:lo + batch]])
+    out.append(np.asarray(fwd(x)))
+  return np.concatenate(out)
+
+
+def _load_evaluated(workdir: str, seed: int | None, step: int | None) -> dict:
+  """The run at ``step``, or at the checkpoint its last evaluation used.
+
+  The last checkpoint is taken after ``end_task``, which normalises the
+  task's direction (docs/semantics.md §3.6), so the model the run evaluated
+  is the one before it, saved with the evaluation pending.
+  """
+  run = export_lib.load_run(workdir, seed, step)
+  cursor = run["meta"]["cursor"]
+  if step is not None or cursor["begun"] or run["step"] == 0:
+    return run
+  try:
+    before = export_lib.load_run(workdir, seed, run["step"] - 1)
+  except FileNotFoundError:                  # kept checkpoints skip it
+    return run
+  c = before["meta"]["cursor"]
+  return before if c["begun"] and c["task"] == cursor["task"] - 1 else run
+
+
+def head_share(workdir: str, seed: int | None = None,
+               step: int | None = None) -> dict:
+  """Loads a run; returns (and writes) ``summarize``'s dict."""
+  run = _load_evaluated(workdir, seed, step)
+  exp, n = run["exp"], run["num_trained_classes"]
+  data = experiment_data.prepare(exp.data, exp.train,
+                                 run["meta"]["fingerprint"]["seed"],
+                                 process_index=0, process_count=1)
+  index = data.test_index[data.test_labels[data.test_index] < n]
+  logits = _logits(run, data, index)[:, :n]
+  sizes, left = [], n
+  for s in data.task_sizes:
+    sizes.append(min(s, left))
+    left -= sizes[-1]
+  doc = summarize(logits, data.test_labels[index], [s for s in sizes if s],
+                  data.class_names[:n])
+  path = os.path.join(run["seed_dir"], "head_share.json")
+  with open(path, "w", encoding="utf-8") as f:
+    json.dump(doc, f, indent=1)
+  return doc | {"path": path}
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(prog="python -m experiments.head_share",
+                                   description=__doc__.split("\n\n")[0])
+  parser.add_argument("workdir", help="the run's --workdir (or a seed_* dir)")
+  parser.add_argument("--seed", type=int, default=None,
+                      help="which seed_<seed> run (needed if several)")
+  parser.add_argument("--step", type=int, default=None,
+                      help="checkpoint number (default: the latest)")
+  args = parser.parse_args(argv)
+  try:
+    doc = head_share(args.workdir, args.seed, args.step)
+  except (FileNotFoundError, ValueError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  print(f"top-1 {doc['top1']:.2f} task-agnostic, "
+        f"{doc['own_task_rows_only']:.2f} on each image's own task's rows; "
+        f"{doc['errors_in_another_task']:.1f}% of the {doc['errors']} errors "
+        "pick another task's class")
+  for t in doc["per_task"]:
+    print(f"  task {t['task']}: top-1 {t['top1']:.1f}, own rows "
+          f"{t['own_task_rows_only']:.1f}, to earlier {t['to_earlier_task']:.1f}"
+          f"%, to later {t['to_later_task']:.1f}%")
+  if "cross_task_same_garment" in doc:
+    print(f"cross-task errors: same garment {doc['cross_task_same_garment']:.1f}"
+          f"%, same style {doc['cross_task_same_style']:.1f}%")
+  print(f"-> {doc['path']}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
