@@ -72,7 +72,8 @@ def _config(seed_dir: str) -> dict:
                           "beside it: the run's config is unknown")
 
 
-def _restore(seed_dir: str, step: int | None):
+def _restore(seed_dir: str, step: int | None, state: bool = True):
+  """(state or None, meta, step) of checkpoint ``step`` (default: latest)."""
   directory = os.path.abspath(os.path.join(seed_dir, "checkpoints"))
   manager = ocp.CheckpointManager(
       directory, item_names=("state", "meta"),
@@ -83,10 +84,19 @@ def _restore(seed_dir: str, step: int | None):
                             f"{directory} (there are: {sorted(steps)})")
   step = max(steps) if step is None else step
   # No target: the arrays come back as saved, adapters and head included.
-  out = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
+  items = {"meta": ocp.args.JsonRestore()}
+  if state:
+    items["state"] = ocp.args.StandardRestore()
+  out = manager.restore(step, args=ocp.args.Composite(**items))
   manager.close()
-  return out["state"], out["meta"], step
+  return (out["state"] if state else None), out["meta"], step
+
+
+def checkpoint_cursor(workdir: str, seed: int | None = None,
+                      step: int | None = None) -> tuple[int, dict]:
+  """(step, task-loop cursor) of a run's checkpoint, without its arrays."""
+  _, meta, step = _restore(_seed_dir(workdir, seed), step, state=False)
+  return step, meta["cursor"]
 
 
 def _rules(exp: config_lib.Experiment, model_cfg):
@@ -180,15 +190,21 @@ def export(workdir: str, out: str, seed: int | None = None,
   return doc
 
 
-def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m experiments.export",
-                                   description=__doc__.split("\n\n")[0])
+def add_run_arguments(parser: argparse.ArgumentParser,
+                      step_default: str = "the latest") -> None:
+  """The arguments that pick one run and checkpoint (see `load_run`)."""
   parser.add_argument("workdir", help="the run's --workdir (or a seed_* dir)")
-  parser.add_argument("--out", required=True, help="output directory")
   parser.add_argument("--seed", type=int, default=None,
                       help="which seed_<seed> run (needed if several)")
   parser.add_argument("--step", type=int, default=None,
-                      help="checkpoint number (default: the latest)")
+                      help=f"checkpoint number (default: {step_default})")
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(prog="python -m experiments.export",
+                                   description=__doc__.split("\n\n")[0])
+  add_run_arguments(parser)
+  parser.add_argument("--out", required=True, help="output directory")
   args = parser.parse_args(argv)
   try:
     doc = export(args.workdir, args.out, args.seed, args.step)

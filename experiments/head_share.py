@@ -3,7 +3,8 @@
     python -m experiments.head_share WORKDIR [--seed=1993]
 
 Loads the checkpoint the run's last evaluation used (as
-``experiments.export`` loads one), merges the adapters and scores the run's own test images twice: against every
+``experiments.export`` loads one), merges the adapters and scores the run's
+own test images, through its own evaluation batches, twice: against every
 trained class (task-agnostic, the run's top-1) and against the classes of
 the image's own task only (task-aware). The gap between the two is error
 the features do not make: a right answer that another task's head row
@@ -17,7 +18,6 @@ shares the garment or the style.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -27,7 +27,7 @@ import numpy as np
 import slora_jax as sl
 from experiments import export as export_lib
 from slora_jax.runner import experiment_data
-from slora_jax.runner.data import transforms
+from slora_jax.runner import results as results_lib
 
 __all__ = ["summarize", "head_share"]
 
@@ -71,18 +71,19 @@ def summarize(logits: np.ndarray, labels: np.ndarray, task_sizes,
   return out
 
 
-def _logits(run: dict, data, index: np.ndarray, batch: int = 250):
-  d = data.data
-  tf = transforms.EvalTransform(d.image_size, d.resize_size, d.normalize)
+def _logits_and_labels(run: dict, data, n: int):
+  """The merged model's logits over classes ``[0, n)`` on the run's test
+  samples of those classes, through the run's own evaluation batches."""
   params = sl.merge(run["params"], run["adapters"])
-  head = run["head"]
-  fwd = jax.jit(lambda x: sl.apply_head(
+  fwd = jax.jit(lambda params, head, x: sl.apply_head(
       head, run["model"].apply({"params": params}, x)))
-  out = []
-  for lo in range(0, len(index), batch):
-    x = np.stack([tf(data.split_test.read(i)) for i in index[lo:lo + batch]])
-    out.append(np.asarray(fwd(x)))
-  return np.concatenate(out)
+  logits, labels = [], []
+  with data.eval_batches(n) as batches:
+    for b in batches:
+      real = b["mask"] > 0                   # the last batch is padded
+      logits.append(np.asarray(fwd(params, run["head"], b["image"]))[real, :n])
+      labels.append(np.asarray(b["label"])[real])
+  return np.concatenate(logits), np.concatenate(labels)
 
 
 def _load_evaluated(workdir: str, seed: int | None, step: int | None) -> dict:
@@ -92,16 +93,16 @@ def _load_evaluated(workdir: str, seed: int | None, step: int | None) -> dict:
   task's direction (docs/semantics.md §3.6), so the model the run evaluated
   is the one before it, saved with the evaluation pending.
   """
-  run = export_lib.load_run(workdir, seed, step)
-  cursor = run["meta"]["cursor"]
-  if step is not None or cursor["begun"] or run["step"] == 0:
-    return run
-  try:
-    before = export_lib.load_run(workdir, seed, run["step"] - 1)
-  except FileNotFoundError:                  # kept checkpoints skip it
-    return run
-  c = before["meta"]["cursor"]
-  return before if c["begun"] and c["task"] == cursor["task"] - 1 else run
+  if step is None:
+    step, cursor = export_lib.checkpoint_cursor(workdir, seed)
+    if not cursor["begun"] and step > 0:
+      try:
+        before, c = export_lib.checkpoint_cursor(workdir, seed, step - 1)
+      except FileNotFoundError:              # kept checkpoints skip it
+        before, c = step, cursor
+      if c["begun"] and c["task"] == cursor["task"] - 1:
+        step = before
+  return export_lib.load_run(workdir, seed, step)
 
 
 def head_share(workdir: str, seed: int | None = None,
@@ -112,28 +113,20 @@ def head_share(workdir: str, seed: int | None = None,
   data = experiment_data.prepare(exp.data, exp.train,
                                  run["meta"]["fingerprint"]["seed"],
                                  process_index=0, process_count=1)
-  index = data.test_index[data.test_labels[data.test_index] < n]
-  logits = _logits(run, data, index)[:, :n]
-  sizes, left = [], n
-  for s in data.task_sizes:
-    sizes.append(min(s, left))
-    left -= sizes[-1]
-  doc = summarize(logits, data.test_labels[index], [s for s in sizes if s],
+  logits, labels = _logits_and_labels(run, data, n)
+  groups = int(np.searchsorted(np.cumsum(data.task_sizes), n)) + 1
+  doc = summarize(logits, labels, data.task_sizes[:groups],
                   data.class_names[:n])
-  path = os.path.join(run["seed_dir"], "head_share.json")
-  with open(path, "w", encoding="utf-8") as f:
-    json.dump(doc, f, indent=1)
+  path = results_lib.write_json(
+      os.path.join(run["seed_dir"], "head_share.json"), doc)
   return doc | {"path": path}
 
 
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(prog="python -m experiments.head_share",
                                    description=__doc__.split("\n\n")[0])
-  parser.add_argument("workdir", help="the run's --workdir (or a seed_* dir)")
-  parser.add_argument("--seed", type=int, default=None,
-                      help="which seed_<seed> run (needed if several)")
-  parser.add_argument("--step", type=int, default=None,
-                      help="checkpoint number (default: the latest)")
+  export_lib.add_run_arguments(
+      parser, step_default="the one the run's last evaluation used")
   args = parser.parse_args(argv)
   try:
     doc = head_share(args.workdir, args.seed, args.step)
