@@ -75,20 +75,25 @@ def _training_set(split, size: int):
   return np.concatenate(parts), np.tile(y, len(parts))
 
 
-def _test_accuracy(cfg, params, head, split, size: int,
-                   style: str | None) -> float:
+def _test_accuracies(cfg, params, head, split, size: int) -> dict:
+  """Top-1 (%) of the pre-training head on ``split``, clean and per style."""
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
   from slora_jax.models import vit  # pylint: disable=import-outside-toplevel
-  x, y = _images(split, len(split), size, style)
+  from slora_jax.runner.data.sources import renditions  # pylint: disable=import-outside-toplevel
   model = vit.VisionTransformer(cfg)
-  logits = jax.jit(lambda x: model.apply({"params": params}, x / 255.0)
-                   @ head["kernel"] + head["bias"])
-  hits = 0
-  for lo in range(0, len(x), 500):
-    pred = np.argmax(np.asarray(logits(x[lo:lo + 500].astype(np.float32))), -1)
-    hits += int((pred == y[lo:lo + 500]).sum())
-  return 100.0 * hits / len(x)
+  # One compilation for every style: the weights are arguments, not constants.
+  logits = jax.jit(lambda p, h, x: model.apply({"params": p}, x / 255.0)
+                   @ h["kernel"] + h["bias"])
+  out = {}
+  for style in (None, *renditions.STYLES):
+    x, y = _images(split, len(split), size, style)
+    hits = 0
+    for lo in range(0, len(x), 500):
+      z = logits(params, head, x[lo:lo + 500].astype(np.float32))
+      hits += int((np.argmax(np.asarray(z), -1) == y[lo:lo + 500]).sum())
+    out[style or "clean"] = round(100.0 * hits / len(x), 2)
+  return out
 
 
 def main(argv):
@@ -116,9 +121,7 @@ def main(argv):
       batch_size=_BATCH.value, lr=_LR.value, seed=_SEED.value,
       shift=_SHIFT.value, log=lambda m: print(m, flush=True))
   test = src.split("test")
-  test_acc = {style or "clean": round(_test_accuracy(
-      cfg, params, head, test, cfg.image_size, style), 2)
-              for style in (None, *renditions.STYLES)}
+  test_acc = _test_accuracies(cfg, params, head, test, cfg.image_size)
   os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
   convert.save_timm_safetensors(params, _OUT.value, cfg)
   manifest = {
@@ -126,8 +129,7 @@ def main(argv):
                        if k != "dtype"},
       "recipe": {"images": _IMAGES.value, "clean_copies": _CLEAN.value,
                  "styles": list(_STYLES.value), "epochs": _EPOCHS.value,
-                 "steps": steps,
-                 "batch_size": _BATCH.value, "lr": _LR.value,
+                 "steps": steps, "batch_size": _BATCH.value, "lr": _LR.value,
                  "shift": _SHIFT.value, "seed": _SEED.value,
                  "optimizer": "AdamW, weight decay 0.05, 10% warm-up, cosine"},
       "command": "python -m experiments.make_demo_backbone " + " ".join(
