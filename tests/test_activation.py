@@ -118,7 +118,14 @@ def test_same_value_and_gradients_as_weight_form(qkv, policy, rank, absorbed):
                       rank=rank, absorbed=absorbed)
   x = jax.random.normal(jax.random.key(3), (2, 32, 32, 3))
   (vw, gw), (va, ga) = _both_forms(model, params, ad, x)
-  np.testing.assert_allclose(va, vw, rtol=1e-5)
+  # The two forms add the same terms in different orders. A float32 sum of K
+  # terms may move by K·eps of the sum of their magnitudes; K is the longest
+  # contraction (the MLP's hidden width), and the loss Σ sin(logit) moves by
+  # at most Σ |Δlogit|, so the bound is K·eps·Σ|logit| (a wrong term or slot
+  # moves it by O(1) of Σ|logit|).
+  logits = model.apply({"params": sl.apply_adapters(params, ad)}, x)
+  bound = cfg.mlp_dim * np.finfo(np.float32).eps * float(jnp.sum(jnp.abs(logits)))
+  assert abs(float(va) - float(vw)) <= bound, (float(va), float(vw), bound)
   mags = gw["magnitudes"]["previous"]
   assert np.all(np.asarray(mags[:3]) != 0) and np.all(np.asarray(mags[3:]) == 0)
   for path, want in jax.tree_util.tree_leaves_with_path(gw):

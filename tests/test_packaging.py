@@ -135,9 +135,18 @@ def test_wheel_in_a_fresh_venv_runs_the_documented_examples(tmp_path):
                  capture_output=True)
   wheel, = (tmp_path / "dist").glob("slora_jax-*.whl")
   venv = tmp_path / "venv"
-  subprocess.run([sys.executable, "-m", "venv", "--system-site-packages",
-                  "--without-pip", str(venv)], check=True)
+  subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)],
+                 check=True)
   python = str(venv / "bin" / "python")
+  # The new venv sees this interpreter's packages (jax, flax, pip) after its
+  # own. `--system-site-packages` would not do: inside a venv it exposes the
+  # base interpreter's site-packages, not this environment's.
+  child_site = subprocess.run(
+      [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+      check=True, capture_output=True, text=True).stdout.strip()
+  ours = {sysconfig.get_paths()[k] for k in ("purelib", "platlib")}
+  pathlib.Path(child_site, "_parent_env.pth").write_text(
+      "".join(f"{p}\n" for p in sorted(ours)))
   subprocess.run([python, "-m", "pip", "install", "--no-deps", "--no-index",
                   "-q", str(wheel)], check=True, capture_output=True)
   script = tmp_path / "examples.py"

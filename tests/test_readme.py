@@ -33,3 +33,16 @@ def test_readme_example_trains_and_merges():
   assert float(jax.numpy.abs(w - w0).max()) > 0
   # The head is trainable too: its biases left their zero init.
   assert not np.allclose(np.asarray(head["bias"]), 0)
+
+
+def test_ci_runs_readmes_test_command_in_a_fresh_venv():
+  readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+  block = readme.split("## Two commands", 1)[1].split("```sh\n", 1)[1]
+  test_command = block.split("```", 1)[0].strip().splitlines()[-1]
+  assert "pytest" in test_command
+  ci = open(os.path.join(ROOT, ".ci", "run"), encoding="utf-8").read()
+  lines = [line.strip() for line in ci.splitlines()]
+  assert test_command in lines, "README's test command is not in .ci/run"
+  before = lines[:lines.index(test_command)]
+  assert any(l.startswith("python3 -m venv") for l in before)
+  assert any("/bin/activate" in l for l in before)
