@@ -189,7 +189,15 @@ def check_fingerprint(saved: dict, current: dict) -> None:
 
   Fields holding a JSON object (a config section) are compared key by key,
   so the message names e.g. ``train.batch_size`` rather than ``train``.
+  A checkpoint whose fingerprint has another ``version`` (1: none) recorded
+  other settings, so it cannot be checked field by field.
   """
+  if saved.get("version", 1) != current.get("version", 1):
+    raise ConfigMismatchError(
+        "the checkpoint in this workdir was written by another slora-jax "
+        f"version (settings fingerprint v{saved.get('version', 1)}, this one "
+        f"is v{current.get('version', 1)}), so whether this config matches it "
+        "cannot be checked; use another --workdir, or that version to resume")
   for key in sorted(set(saved) | set(current)):
     if saved.get(key) != current.get(key):
       name, old, new = _first_difference(key, saved.get(key), current.get(key))

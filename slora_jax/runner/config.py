@@ -12,16 +12,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 
 from slora_jax import policy as policy_lib
+from slora_jax import targets as targets_lib
 from slora_jax.models import vit as vit_lib
 from slora_jax.runner import methods as methods_lib
 
 __all__ = ["ConfigError", "PretrainSettings", "ModelSettings", "SyntheticSettings",
            "RenditionSettings", "DataSettings", "AdapterSettings", "TrainSettings",
-           "CheckpointSettings", "Experiment", "from_config", "section_json"]
+           "CheckpointSettings", "Experiment", "from_config", "settings_dict"]
 
 
 class ConfigError(ValueError):
@@ -137,6 +139,12 @@ class AdapterSettings:
     return {k: getattr(self, k) for k in (
         "magnitude_init", "current_norm_floor", "kd_threshold", "kd_residual",
         "kd_offset") if getattr(self, k) is not None}
+
+  def rules(self, qkv: str) -> tuple[targets_lib.Rule, ...]:
+    """The target rules: q and v of every block, or one per path regex."""
+    if self.targets == "qv":
+      return targets_lib.vit_qv_rules(qkv)
+    return tuple(targets_lib.kernel(p) for p in self.targets.split(","))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -267,13 +275,103 @@ def from_config(config) -> Experiment:
                      f"{missing}, unknown {unknown}; start configs from "
                      "experiments/configs/base.py")
   values = {n: _convert(hints[n], d[n], n) for n in names}
-  return Experiment(method=method, raw=raw, **values)
+  exp = Experiment(method=method, raw=raw, **values)
+  _validate(exp)
+  return exp
 
 
-def section_json(settings, keys: tuple[str, ...] | None = None) -> str:
-  """A settings section (or some of its fields) as sorted JSON, for the
-  checkpoint fingerprint."""
-  d = dataclasses.asdict(settings)
-  if keys is not None:
-    d = {k: d[k] for k in keys}
-  return json.dumps(d, sort_keys=True, default=str)
+# --- values that cannot be right ----------------------------------------------
+
+def _require(ok: bool, message: str) -> None:
+  if not ok:
+    raise ConfigError(message)
+
+
+def _validate(exp: Experiment) -> None:
+  """Refuses values no run can use, before any data is read or compiled."""
+  _check_seeds(exp.seeds)
+  _check_train(exp.train)
+  c = exp.checkpoint
+  # keep=0 would keep no checkpoint, so nothing could ever be resumed.
+  _require(c.keep >= 1, f"checkpoint.keep must be at least 1 (0 keeps no "
+           f"checkpoint to resume from), got {c.keep}")
+  _require(c.every_steps >= 1, "checkpoint.every_steps must be at least 1, "
+           f"got {c.every_steps}")
+  _check_adapter(exp, _vit_config(exp.model))
+
+
+def _check_seeds(seeds: tuple[int, ...]) -> None:
+  _require(bool(seeds), "seeds is empty, so nothing would run; give at least "
+           "one, e.g. --config.seeds='(1993,)'")
+  repeated = sorted({s for s in seeds if seeds.count(s) > 1})
+  _require(not repeated, f"seeds repeats {', '.join(map(str, repeated))} "
+           f"(in {seeds}): a repeated seed is the same run, not another "
+           "sample; give distinct seeds")
+
+
+def _check_train(t: TrainSettings) -> None:
+  for name in ("init_lr", "lr"):
+    v = getattr(t, name)
+    _require(math.isfinite(v) and v > 0, f"train.{name} must be a positive "
+             f"number, got {v!r}")
+  for name in ("init_lr_decay", "lr_decay"):
+    v = getattr(t, name)
+    _require(math.isfinite(v) and v >= 0, f"train.{name} must be a number "
+             f">= 0, got {v!r}")
+  _require(0 <= t.momentum < 1, "train.momentum must be in [0, 1), got "
+           f"{t.momentum!r}")
+  for name in ("batch_size", "epochs"):
+    _require(getattr(t, name) >= 1, f"train.{name} must be at least 1, got "
+             f"{getattr(t, name)}")
+  for name in ("eval_batch_size", "max_steps_per_task"):
+    _require(getattr(t, name) >= 0, f"train.{name} must be >= 0 (0: the "
+             f"default), got {getattr(t, name)}")
+
+
+def _vit_config(m: ModelSettings) -> vit_lib.ViTConfig:
+  _require(m.name == "custom" or m.name in vit_lib.PRESETS,
+           f"model.name must be 'custom' or one of {sorted(vit_lib.PRESETS)}, "
+           f"got {m.name!r}")
+  _require(m.dtype in vit_lib.DTYPES, f"model.dtype must be one of "
+           f"{sorted(vit_lib.DTYPES)}, got {m.dtype!r}")
+  try:
+    return m.vit_config()
+  except (TypeError, ValueError) as e:
+    # e.g. a patch size that does not divide the image size
+    raise ConfigError(f"the model settings make no ViT: {e}; change "
+                      "--config.model.image_size, patch_size, width, "
+                      "num_heads or qkv") from None
+
+
+def _check_adapter(exp: Experiment, cfg: vit_lib.ViTConfig) -> None:
+  """Targets that match kernels, ranks from 1 to the narrowest one's width."""
+  a = exp.adapter
+  try:
+    found = targets_lib.find_targets(vit_lib.abstract_params(cfg),
+                                     a.rules(cfg.qkv))
+  except ValueError as e:
+    raise ConfigError(f"{e} (--config.adapter.targets={a.targets})") from None
+  narrow = min(found, key=lambda t: min(t.d_in, t.d_out))
+  limit = min(narrow.d_in, narrow.d_out)
+  if exp.method.rank_reduction:
+    _require(any(start == 0 for start, _ in a.rank_schedule),
+             "adapter.rank_schedule must give the rank of task 0 (a pair "
+             f"(0, rank)), got {a.rank_schedule}")
+    ranks = [("a rank in adapter.rank_schedule", r) for _, r in a.rank_schedule]
+  else:
+    ranks = [("adapter.rank", a.rank)]
+  for field, r in ranks:
+    _require(r >= 1, f"{field} must be at least 1, got {r}")
+    _require(r <= limit, f"{field} is {r}, more than the adapted map "
+             f"{narrow.name} ({narrow.d_in} -> {narrow.d_out}) can use; give "
+             f"a rank of at most {limit}")
+
+
+def settings_dict(exp: Experiment) -> dict:
+  """Every validated field as nested plain values (the method by its name)."""
+  out = {"method": exp.method.name}
+  for f in dataclasses.fields(exp):
+    if f.name not in ("method", "raw"):
+      v = getattr(exp, f.name)
+      out[f.name] = dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v
+  return out

@@ -10,6 +10,7 @@ finished tasks' records). The task loop (`slora_jax.runner.train`) passes a
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from typing import Any, Callable
 
@@ -26,7 +27,8 @@ from slora_jax.runner import parallel
 from slora_jax.runner import paths
 from slora_jax.runner import steps as steps_lib
 
-__all__ = ["Cursor", "Session", "Progress", "open_session", "fingerprint"]
+__all__ = ["Cursor", "Session", "Progress", "open_session", "fingerprint",
+           "NOT_FINGERPRINTED"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,24 +84,55 @@ class Session:
     return len(self.data.train_tasks)
 
 
+# The fields of the validated config that cannot change a number the run
+# computes, so a resume may change them; every other field is in the
+# fingerprint (tests/test_checkpoint.py classifies every field).
+NOT_FINGERPRINTED = {
+    "seeds": "each seed runs in its own seed_<seed>/ and its seed is in the "
+             "fingerprint",
+    "benchmark": "names the published numbers `compare` reads",
+    "log_every_steps": "how often the loss is shown and logged",
+    "distributed": "how processes start (README: another topology resumes "
+                   "correctly)",
+    "stop_after_steps": "a simulated preemption (tests)",
+    "model.pretrain.cache_dir": "where the pre-trained backbone is cached; "
+                                "the cache is keyed by its settings",
+    "data.num_workers": "decoding threads never change a batch",
+    "data.prefetch": "batches read ahead never change a batch",
+    "data.worker_processes": "worker processes assemble the same batches",
+    "checkpoint.keep": "how many checkpoints stay on disk",
+    "checkpoint.every_steps": "where a run can resume; a resumed run reaches "
+                              "the uninterrupted numbers",
+}
+
+# 2: every field not in NOT_FINGERPRINTED (1: a few fields of each section).
+FINGERPRINT_VERSION = 2
+
+
+def _drop(tree: dict, dotted: str) -> None:
+  *parents, leaf = dotted.split(".")
+  for p in parents:
+    tree = tree[p]
+  del tree[leaf]
+
+
 def fingerprint(exp: config_lib.Experiment, seed: int, order,
                 task_sizes) -> dict:
-  """The settings a checkpoint must agree with to be resumed."""
-  section = config_lib.section_json
-  return {"method": exp.method.name, "semantics": exp.semantics, "seed": seed,
-          "class_order": [int(c) for c in order],
-          "task_sizes": [int(s) for s in task_sizes],
-          "model": section(exp.model),
-          "data": section(exp.data, ("source", "name", "root", "image_size")),
-          "adapter": section(exp.adapter),
-          "train": section(exp.train,
-                           ("batch_size", "epochs", "max_steps_per_task"))}
-
-
-def _rules(adapter: config_lib.AdapterSettings, model_cfg):
-  if adapter.targets == "qv":
-    return sl.vit_qv_rules(model_cfg.qkv)
-  return tuple(sl.kernel(p) for p in adapter.targets.split(","))
+  """The settings a checkpoint must agree with to be resumed: every config
+  field that can change a number, sections as sorted JSON."""
+  settings = config_lib.settings_dict(exp)
+  for dotted in NOT_FINGERPRINTED:
+    _drop(settings, dotted)
+  out = {"version": FINGERPRINT_VERSION, "seed": seed,
+         "class_order": [int(c) for c in order],
+         "task_sizes": [int(s) for s in task_sizes]}
+  for key, value in settings.items():
+    if isinstance(value, dict):
+      if value:
+        out[key] = json.dumps(value, sort_keys=True)
+    else:
+      out[key] = value
+  return out
 
 
 class EventWriter:
@@ -140,7 +173,7 @@ def open_session(exp: config_lib.Experiment, seed: int, workdir: str) -> Session
   apply_fn = lambda p, x: model.apply({"params": p}, x)
   phases = len(data.train_tasks)
   template = sl.init_adapters(
-      params, _rules(exp.adapter, model_cfg),
+      params, exp.adapter.rules(model_cfg.qkv),
       capacity=exp.method.capacity(exp.adapter.capacity, phases),
       max_rank=max(exp.rank(t) for t in range(phases)), policy=exp.policy())
   tx = steps_lib.make_optimizer(momentum=exp.train.momentum,

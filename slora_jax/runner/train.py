@@ -140,16 +140,19 @@ def restore_or_start(s: Session) -> Progress:
 
 # --- checkpoints and non-finite values ----------------------------------------
 
-def _non_finite(s: Session, state: Progress, what: str, where: str,
+def _non_finite(s: Session, what: str, where: str,
                 task: int) -> errors.NonFiniteLossError:
-  kept = state.last_saved
-  kept = (f"the last good checkpoint ({kept.describe(s.num_phases)}) is kept "
-          f"in {s.ckpt.directory}" if kept is not None
-          else "no checkpoint was written before it")
+  # No checkpoint of this workdir can lead to a correct run at a lower rate:
+  # task 0's steps ran at init_lr and every later task's at lr, the periodic
+  # saves of the diverging task included, so a resume would mix two rates in
+  # one result (and the fingerprint refuses a changed rate anyway). A fresh
+  # workdir is the one correct rerun.
   return errors.NonFiniteLossError(
-      f"{what} at {where}; {kept}; lower the learning rate (--config.train."
+      f"{what} at {where}; lower the learning rate (--config.train."
       f"{'init_lr' if task == 0 else 'lr'}) or check the data, then rerun "
-      "with the same --workdir to resume")
+      "with another --workdir (the checkpoints in "
+      f"{s.ckpt.directory} hold steps taken at this rate, so they cannot be "
+      "resumed with another)")
 
 
 @jax.jit
@@ -164,7 +167,7 @@ def save(s: Session, state: Progress, cursor: Cursor) -> Progress:
   tree = _saved_state(state.adapters, state.head, s.tx, state.opt_state)
   if not bool(_all_finite(tree)):
     # A step's loss is computed before its update: check what is saved too.
-    raise _non_finite(s, state, "the trained parameters became NaN or "
+    raise _non_finite(s, "the trained parameters became NaN or "
                       "infinite", cursor.describe(s.num_phases),
                       cursor.task if cursor.begun else cursor.task - 1)
   # Arrays made outside a jit (end_task, a fresh optimiser) sit on one
@@ -213,7 +216,7 @@ def _check_step(s: Session, state: Progress, m: dict, task: int, step: int,
   loss = float(m["loss"])
   if not math.isfinite(loss):
     total = s.data.steps(task)[1]
-    raise _non_finite(s, state, f"the training loss became {loss}",
+    raise _non_finite(s, f"the training loss became {loss}",
                       f"task {task + 1}/{s.num_phases}, step {step + 1}/"
                       f"{total}", task)
   every = max(1, s.exp.log_every_steps)
