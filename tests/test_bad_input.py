@@ -179,6 +179,128 @@ def test_checkpoint_of_another_config_names_the_field(env, tmp_path):
   assert snapshot(workdir) == before
 
 
+def _checkpoint(workdir, fingerprint, cursor):
+  """A checkpoint of the tiny run's seed written with ``fingerprint``."""
+  ckpt = ckpt_lib.Checkpointer(str(workdir / "seed_1993"))
+  ckpt.save({"x": np.zeros(3, np.float32)},
+            {"fingerprint": fingerprint, "cursor": cursor})
+  ckpt.close()
+
+
+def _tiny_fingerprint():
+  exp = config_lib.from_config(tiny_config.get_config())
+  data = experiment_data.prepare(exp.data, exp.train, 1993)
+  return session.fingerprint(exp, 1993, data.class_order, data.task_sizes)
+
+
+@pytest.mark.parametrize("flag,old,new", [
+    ("--config.train.lr=0.5", "train.lr=0.05", "train.lr=0.5"),
+    ("--config.train.milestones=(2,)", "train.milestones=[10000]",
+     "train.milestones=[2]"),
+    ("--config.data.max_train_per_class=8", "data.max_train_per_class=0",
+     "data.max_train_per_class=8"),
+])
+def test_resume_with_a_changed_setting_names_it(env, tmp_path, flag, old, new):
+  workdir = tmp_path / "run"                      # interrupted in task 2
+  _checkpoint(workdir, _tiny_fingerprint(),
+              {"task": 1, "step": 2, "begun": True})
+  before = snapshot(workdir)
+  line = error_line(run_cli(env, workdir, flag))
+  assert line == (f"error: the checkpoint in this workdir was written with "
+                  f"{old}, but the config says {new}; use another --workdir, "
+                  "or the original config to resume")
+  assert snapshot(workdir) == before
+
+
+def test_finished_run_rerun_with_another_rate_is_refused(env, tmp_path):
+  workdir = tmp_path / "run"
+  r = run_cli(env, workdir)
+  assert r.returncode == 0, tail(r)
+  before = snapshot(workdir)            # results.json and config.json too
+  line = error_line(run_cli(env, workdir, "--config.train.lr=0.5"))
+  assert line == (
+      "error: the checkpoint in this workdir was written with train.lr=0.05, "
+      "but the config says train.lr=0.5; use another --workdir, or the "
+      "original config to resume")
+  assert snapshot(workdir) == before
+
+
+def test_checkpoint_of_the_old_fingerprint_is_refused(env, tmp_path):
+  workdir = tmp_path / "run"
+  fp = _tiny_fingerprint()
+  del fp["version"]                     # what slora-jax wrote before v2
+  _checkpoint(workdir, fp, {"task": 1, "step": 0, "begun": False})
+  before = snapshot(workdir)
+  line = error_line(run_cli(env, workdir))
+  assert line == (
+      "error: the checkpoint in this workdir was written by another slora-jax "
+      "version (settings fingerprint v1, this one is v2), so whether this "
+      "config matches it cannot be checked; use another --workdir, or that "
+      "version to resume")
+  assert snapshot(workdir) == before
+
+
+@pytest.mark.parametrize("flag,message", [
+    ("--config.seeds=()", "seeds is empty, so nothing would run; give at "
+     "least one, e.g. --config.seeds='(1993,)'"),
+    ("--config.seeds=(1993,1993)", "seeds repeats 1993 (in (1993, 1993)): a "
+     "repeated seed is the same run, not another sample; give distinct seeds"),
+    ("--config.train.lr=0", "train.lr must be a positive number, got 0.0"),
+    ("--config.adapter.rank=0", "adapter.rank must be at least 1, got 0"),
+    ("--config.adapter.rank=17", "adapter.rank is 17, more than the adapted "
+     "map blocks_0/attn/qkv/kernel[q] (16 -> 16) can use; give a rank of at "
+     "most 16"),
+    ("--config.adapter.targets=blocks_0/mlp/fc9/kernel", "adapter targets: "
+     "kernel('blocks_0/mlp/fc9/kernel') matched no parameter; nearest paths: "
+     "['blocks_0/mlp/fc2/kernel', 'blocks_0/mlp/fc1/kernel', "
+     "'blocks_0/attn/qkv/kernel'] "
+     "(--config.adapter.targets=blocks_0/mlp/fc9/kernel)"),
+    ("--config.checkpoint.every_steps=0",
+     "checkpoint.every_steps must be at least 1, got 0"),
+    ("--config.checkpoint.keep=0", "checkpoint.keep must be at least 1 (0 "
+     "keeps no checkpoint to resume from), got 0"),
+    ("--config.model.dtype=float8", "model.dtype must be one of ['bfloat16', "
+     "'float32'], got 'float8'"),
+    ("--config.model.dtype=bogus", "model.dtype must be one of ['bfloat16', "
+     "'float32'], got 'bogus'"),
+    ("--config.model.name=vit_zz", "model.name must be 'custom' or one of "
+     "['vit_b16', 'vit_s16', 'vit_ti16'], got 'vit_zz'"),
+    ("--config.model.patch_size=5", "the model settings make no ViT: "
+     "image_size 16 is not a multiple of patch_size 5; change "
+     "--config.model.image_size, patch_size, width, num_heads or qkv"),
+])
+def test_impossible_value_is_one_line(env, old_run, flag, message):
+  workdir, before = old_run
+  assert error_line(run_cli(env, workdir, flag)) == f"error: {message}"
+  assert snapshot(workdir) == before
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("train.init_lr", -0.1, "train.init_lr must be a positive number"),
+    ("train.lr", float("nan"), "train.lr must be a positive number, got nan"),
+    ("train.lr", float("inf"), "train.lr must be a positive number, got inf"),
+    ("train.lr_decay", -1.0, "train.lr_decay must be a number >= 0"),
+    ("train.momentum", 1.0, r"train.momentum must be in \[0, 1\), got 1.0"),
+    ("train.batch_size", 0, "train.batch_size must be at least 1, got 0"),
+    ("train.epochs", 0, "train.epochs must be at least 1, got 0"),
+    ("train.eval_batch_size", -1, "train.eval_batch_size must be >= 0"),
+    ("adapter.rank_schedule", ((0, 2), (1, 0)),
+     "a rank in adapter.rank_schedule must be at least 1, got 0"),
+    ("adapter.rank_schedule", ((0, 2), (1, 20)),
+     "a rank in adapter.rank_schedule is 20, more than"),
+    ("adapter.rank_schedule", ((1, 2),),
+     r"adapter.rank_schedule must give the rank of task 0"),
+])
+def test_from_config_refuses_what_no_run_can_use(key, value, message):
+  """The other checks of `from_config`, in process (the CLI path is above)."""
+  c = tiny_config.get_config()
+  c.method = "sdlora_rr"                   # reads the rank schedule
+  section, name = key.split(".")
+  c[section][name] = value
+  with pytest.raises(config_lib.ConfigError, match=message):
+    config_lib.from_config(c)
+
+
 def test_pretrained_weights_of_another_shape(env, old_run, tmp_path):
   workdir, before = old_run
   cfg = vit_lib.ViTConfig(image_size=16, patch_size=8, width=32, depth=1,

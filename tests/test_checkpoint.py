@@ -1,6 +1,9 @@
 """Orbax checkpointing of the loop state and the config fingerprint check."""
 
+import dataclasses
+import json
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -8,6 +11,10 @@ import numpy as np
 import pytest
 
 from slora_jax.runner import checkpoint as ckpt_lib
+from slora_jax.runner import config as config_lib
+from slora_jax.runner import methods as methods_lib
+from slora_jax.runner import session
+import tiny_config
 
 
 def _state(x):
@@ -49,3 +56,96 @@ def test_fingerprint_mismatch_names_the_field():
     ckpt_lib.check_fingerprint(saved, dict(saved, seed=1994))
   with pytest.raises(ckpt_lib.ConfigMismatchError, match="method"):
     ckpt_lib.check_fingerprint(saved, dict(saved, method="sdlora_kd"))
+
+
+# --- the fingerprint covers every field that can change a number -------------
+
+def _tiny_experiment():
+  return config_lib.from_config(tiny_config.get_config())
+
+
+def _leaves(tree, prefix=""):
+  """Dotted names of the leaves of nested dicts (tuples are leaves)."""
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      yield from _leaves(v, f"{prefix}{k}.")
+    else:
+      yield prefix + k
+
+
+def _fingerprinted(fp):
+  """Dotted names of the config fields a fingerprint holds."""
+  names = set()
+  for k, v in fp.items():
+    if k in ("version", "seed", "class_order", "task_sizes"):
+      continue                       # the run's own, not config fields
+    names |= (set(_leaves(json.loads(v), f"{k}.")) if isinstance(v, str)
+              and v.startswith("{") else {k})
+  return names
+
+
+def _fp(exp):
+  return session.fingerprint(exp, 1993, [1, 0, 2], [2, 1])
+
+
+def test_every_config_field_is_fingerprinted_or_allowed():
+  exp = _tiny_experiment()
+  fields = set(_leaves(config_lib.settings_dict(exp)))
+  allowed = set(session.NOT_FINGERPRINTED)
+  assert allowed <= fields, allowed - fields            # no stale names
+  assert _fingerprinted(_fp(exp)) == fields - allowed
+
+
+def _changed(value):
+  """Another valid-looking value of the same kind."""
+  if isinstance(value, bool):
+    return not value
+  if isinstance(value, (int, float)):
+    return value * 2 + 1
+  if isinstance(value, str):
+    return value + "_x"
+  if isinstance(value, tuple):
+    return value + (value[-1],) if value else (1,)
+  assert value is None, value
+  return 0.5
+
+
+def _get(settings, dotted: str):
+  for part in dotted.split("."):
+    settings = getattr(settings, part)
+  return settings
+
+
+def _replace(settings, dotted: str, value):
+  head, _, rest = dotted.partition(".")
+  if rest:
+    value = _replace(getattr(settings, head), rest, value)
+  return dataclasses.replace(settings, **{head: value})
+
+
+def test_a_changed_field_is_refused_by_name_unless_allowed():
+  exp = _tiny_experiment()
+  saved = _fp(exp)
+  for name in _leaves(config_lib.settings_dict(exp)):
+    if name == "method":
+      new = dataclasses.replace(exp, method=methods_lib.get_method("sdlora_kd"))
+    else:
+      new = _replace(exp, name, _changed(_get(exp, name)))
+    if name in session.NOT_FINGERPRINTED:
+      ckpt_lib.check_fingerprint(saved, _fp(new))
+      continue
+    with pytest.raises(ckpt_lib.ConfigMismatchError) as e:
+      ckpt_lib.check_fingerprint(saved, _fp(new))
+    assert f"written with {name}=" in str(e.value), (name, str(e.value))
+    assert f"the config says {name}=" in str(e.value), (name, str(e.value))
+
+
+def test_a_checkpoint_of_the_old_fingerprint_is_refused():
+  fp = _fp(_tiny_experiment())
+  old = {k: fp[k] for k in ("method", "semantics", "seed", "class_order",
+                            "task_sizes")}
+  with pytest.raises(ckpt_lib.ConfigMismatchError, match=re.escape(
+      "written by another slora-jax version (settings fingerprint v1, this "
+      "one is v2), so whether this config matches it cannot be checked; use "
+      "another --workdir, or that version to resume")):
+    ckpt_lib.check_fingerprint(old, fp)

@@ -12,7 +12,7 @@ import signal
 
 import pytest
 
-from cli_util import (cli_env, error_line, outcome, run_cli, tail,
+from cli_util import (cli_env, error_line, outcome, run_cli, snapshot, tail,
                       tmp_checkpoints)
 
 
@@ -70,19 +70,22 @@ def test_two_fresh_runs_are_identical(reference, env, tmp_path):
   assert outcome(tmp_path) == reference
 
 
-def test_diverging_loss_stops_keeps_last_good_checkpoint(reference, env,
-                                                         tmp_path):
+def test_diverging_loss_stops_and_advises_a_fresh_workdir(env, tmp_path):
   # Task 1 trains normally, then a huge rate for tasks >= 2 diverges.
-  r = run_cli(env, tmp_path, "--config.train.lr=1e30")
+  workdir = tmp_path / "run"
+  r = run_cli(env, workdir, "--config.train.lr=1e30")
   line = error_line(r)
   assert re.search(r"became (nan|inf|-inf|NaN or infinite) at task 2/3, step "
-                   r"[1-4](/4)?; the last "
-                   r"good checkpoint \(task 1/3 finished\) is kept in \S+; "
-                   r"lower the learning rate \(--config.train.lr\)",
-                   line), line
-  # The kept checkpoint is good: resumed with a sane rate, the run reaches
-  # the uninterrupted numbers.
-  r = run_cli(env, tmp_path)
-  assert r.returncode == 0, tail(r)
-  assert _resumed_at(r) == (1, 0)
-  assert outcome(tmp_path) == reference
+                   r"[1-4](/4)?; lower the learning rate \(--config.train.lr\) "
+                   r"or check the data, then rerun with another --workdir "
+                   r"\(the checkpoints in \S+ hold steps taken at this rate, "
+                   r"so they cannot be resumed with another\)$", line), line
+  # Resuming here at a lower rate would mix two rates in one result: it is
+  # refused, the workdir untouched (a fresh workdir is test_two_fresh_runs).
+  before = snapshot(workdir)
+  line = error_line(run_cli(env, workdir))
+  assert line == (
+      "error: the checkpoint in this workdir was written with train.lr=1e+30, "
+      "but the config says train.lr=0.05; use another --workdir, or the "
+      "original config to resume")
+  assert snapshot(workdir) == before
