@@ -78,10 +78,10 @@ def test_diverging_loss_stops_and_advises_a_fresh_workdir(env, tmp_path):
   assert re.search(r"became (nan|inf|-inf|NaN or infinite) at task 2/3, step "
                    r"[1-4](/4)?; lower the learning rate \(--config.train.lr\) "
                    r"or check the data, then rerun with another --workdir "
-                   r"\(the checkpoints in \S+ hold steps taken at this rate, "
-                   r"so they cannot be resumed with another\)$", line), line
-  # Resuming here at a lower rate would mix two rates in one result: it is
-  # refused, the workdir untouched (a fresh workdir is test_two_fresh_runs).
+                   r"\(the checkpoints in \S+ were written at this rate and "
+                   r"refuse another\)$", line), line
+  # A lower rate in this workdir is refused (its run could mix two rates in
+  # one result), the workdir untouched; a fresh one is test_two_fresh_runs.
   before = snapshot(workdir)
   line = error_line(run_cli(env, workdir))
   assert line == (

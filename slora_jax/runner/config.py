@@ -11,7 +11,6 @@ reverse) is an error, so the two cannot drift apart.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import types
 import typing

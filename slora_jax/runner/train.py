@@ -142,17 +142,15 @@ def restore_or_start(s: Session) -> Progress:
 
 def _non_finite(s: Session, what: str, where: str,
                 task: int) -> errors.NonFiniteLossError:
-  # No checkpoint of this workdir can lead to a correct run at a lower rate:
-  # task 0's steps ran at init_lr and every later task's at lr, the periodic
-  # saves of the diverging task included, so a resume would mix two rates in
-  # one result (and the fingerprint refuses a changed rate anyway). A fresh
-  # workdir is the one correct rerun.
+  # Not "resume at a lower rate": the checkpoints can hold steps taken at
+  # the diverging rate (the task's periodic saves, earlier tasks at the same
+  # lr), so that run would match neither rate, and the fingerprint refuses a
+  # changed rate anyway. A fresh workdir is the one correct rerun.
   return errors.NonFiniteLossError(
       f"{what} at {where}; lower the learning rate (--config.train."
       f"{'init_lr' if task == 0 else 'lr'}) or check the data, then rerun "
-      "with another --workdir (the checkpoints in "
-      f"{s.ckpt.directory} hold steps taken at this rate, so they cannot be "
-      "resumed with another)")
+      f"with another --workdir (the checkpoints in {s.ckpt.directory} were "
+      "written at this rate and refuse another)")
 
 
 @jax.jit
