@@ -216,7 +216,8 @@ def test_finished_run_rerun_with_another_rate_is_refused(env, tmp_path):
   workdir = tmp_path / "run"
   r = run_cli(env, workdir)
   assert r.returncode == 0, tail(r)
-  before = snapshot(workdir)            # results.json and config.json too
+  before = snapshot(workdir)
+  assert {"config.json", "seed_1993/results.json"} <= set(before)
   line = error_line(run_cli(env, workdir, "--config.train.lr=0.5"))
   assert line == (
       "error: the checkpoint in this workdir was written with train.lr=0.05, "
