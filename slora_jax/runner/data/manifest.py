@@ -131,10 +131,11 @@ def known_counts() -> dict:
 
 def dataset_of(benchmark: str | None) -> str | None:
   """'imagenet_r_10' -> 'imagenet_r' (None when no known counts exist)."""
-  name = (benchmark or "").rsplit("_", 1)
-  if len(name) == 2 and name[1].isdigit():
-    name = name[:1]
-  return name[0] if name[0] in known_counts() else None
+  name = benchmark or ""
+  base, _, tasks = name.rpartition("_")
+  if tasks.isdigit():
+    name = base
+  return name if name in known_counts() else None
 
 
 def _class_differences(manifest: dict, known: dict) -> list[str]:
