@@ -124,7 +124,7 @@ class Inputs:
       raise PrepareError(f"{archive}: not a readable tar or zip archive "
                          f"({e}); give the archive as downloaded") from None
     for n in names:
-      key = n.lstrip("./")
+      key = n.removeprefix("./")
       self.files[key] = os.path.join(staging, key)
       self._staged.add(key)
 

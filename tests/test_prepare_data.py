@@ -20,7 +20,7 @@ from cli_util import ROOT, SEED_DIR, cli_env, run_cli, tail
 from experiments import prepare_data
 from slora_jax.runner import paths
 from slora_jax.runner.data import manifest as manifest_lib
-from slora_jax.runner.data.sources import ImageFolderSource
+from slora_jax.runner.data.sources import ImageFolderSource, SyntheticSource
 
 WNIDS = ("n01443537", "n01484850", "n01494475", "n01498041", "n01514859",
          "n01531178")
@@ -264,6 +264,16 @@ def test_known_counts_warning_names_the_classes():
          f"known {known[first][0]}, {known[first][1]})" in line
   assert f"{second} (missing)" in line and "2 classes differ" in line
   assert "199 classes (known 200)" in line
+
+
+def test_manifest_of_a_source_without_files_counts_its_labels():
+  src = SyntheticSource(num_classes=3, train_per_class=4, test_per_class=2)
+  m = manifest_lib.of_source(src)
+  assert (m["kind"], m["train"], m["test"]) == ("labels", 12, 6)
+  assert m["classes"] == {f"pattern_{c}": [4, 2] for c in range(3)}
+  lines = sorted(f"{s}/pattern_{c}\t{n}\n" for c in range(3)
+                 for s, n in (("train", 4), ("test", 2)))
+  assert m["sha256"] == hashlib.sha256("".join(lines).encode()).hexdigest()
 
 
 def test_run_warns_and_records_the_manifest(tmp_path_factory, tmp_path):

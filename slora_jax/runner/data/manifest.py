@@ -110,9 +110,10 @@ def of_source(source: Source, splits=None, write_cache: bool = True) -> dict:
   per = {c: [0, 0] for c in names}
   splits = splits or [source.split(s) for s in SPLITS]
   for k, split in enumerate(splits):
-    values, counts = np.unique(split.labels, return_counts=True)
-    for label, n in zip(values.tolist(), counts.tolist()):
-      per[names[label]][k] = n
+    labels = np.asarray(split.labels)
+    labels = labels[(labels >= 0) & (labels < len(names))]
+    for label, n in enumerate(np.bincount(labels, minlength=len(names))):
+      per[names[label]][k] += int(n)
   lines = sorted(f"{s}/{c}\t{v[k]}" for c, v in per.items()
                  for k, s in enumerate(SPLITS))
   return {"format": FORMAT, "kind": "labels", "num_classes": len(per),
