@@ -47,7 +47,7 @@ from absl import flags
 
 from slora_jax.runner.data import manifest as manifest_lib
 from slora_jax.runner.data.sources.core import (DOMAINNET_DOMAINS,
-                                               IMAGE_EXTENSIONS)
+                                               IMAGE_EXTENSIONS, DataError)
 from slora_jax.runner.data.sources.folder import ImageFolderSource
 
 BENCHMARKS = ("imagenet_r", "imagenet_a", "cifar100", "cub200", "domainnet")
@@ -335,9 +335,10 @@ def plan_domainnet(inputs: Inputs, lists_dir: str | None) -> dict:
 
 class _ArraysOnly(pickle.Unpickler):
   """Unpickles CIFAR's dicts of numpy arrays and nothing else."""
-  _ALLOWED = {("numpy.core.multiarray", "_reconstruct"),
+  _ALLOWED = {("numpy.core.multiarray", "_reconstruct"),  # the archive's name
               ("numpy._core.multiarray", "_reconstruct"),
-              ("numpy", "ndarray"), ("numpy", "dtype")}
+              ("numpy", "ndarray"), ("numpy", "dtype"),
+              ("_codecs", "encode")}   # bytes in protocol-2 pickles
 
   def find_class(self, module, name):
     if (module, name) not in self._ALLOWED:
@@ -445,7 +446,7 @@ def main(argv) -> int:
     return 2
   try:
     m = prepare(argv[1], _SOURCE.value, _OUT.value, _LISTS.value)
-  except PrepareError as e:
+  except (PrepareError, DataError) as e:
     print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
     return 2
   print(summary_line(m, _OUT.value))

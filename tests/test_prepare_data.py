@@ -176,6 +176,18 @@ def test_cifar100_images_keep_their_pixels_and_labels(tmp_path):
         np.asarray(im), data[4].reshape(3, 32, 32).transpose(1, 2, 0))
 
 
+def test_cifar100_reads_the_archives_numpy_core_pickles(tmp_path):
+  # The 2009 pickles name numpy.core.multiarray (numpy 2: numpy._core).
+  data = np.arange(3072, dtype=np.uint8)[None] % 251
+  raw = pickle.dumps({"data": data, "fine_labels": [0]}, protocol=2)
+  raw = raw.replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
+  assert b"numpy.core.multiarray" in raw
+  tar = _tar(tmp_path / "c.tar", {"cifar-100-python/train": raw})
+  inputs = prepare_data.Inputs([tar], str(tmp_path / "staging"))
+  np.testing.assert_array_equal(
+      prepare_data._cifar_pickle(inputs, "train")["data"], data)
+
+
 def test_cifar100_refuses_a_pickle_that_is_not_arrays(tmp_path):
   tar = _tar(tmp_path / "c.tar", {"cifar-100-python/meta": pickle.dumps(
       {"fine_label_names": [os.getcwd]})})       # a callable: not data
