@@ -150,14 +150,12 @@ class ImageFolderSource(Source):
       raise first
     n = len(more) + 1
     count = f"at least {n}" if n >= BAD_FILES_LIMIT else str(n)
-    cut = len(self.root.rstrip("/")) + 1
     reason = str(first).split("unreadable or truncated image ", 1)[1]
     reason = reason.rsplit("; replace or delete the file", 1)[0]
-    names = ", ".join(f[cut:] for f in more)
     raise DataError(
-        f"{count} unreadable or truncated images under {self.root}: "
-        f"{path[cut:]} {reason}, {names}; replace or delete these files "
-        f"(the search stops at {BAD_FILES_LIMIT})") from None
+        f"{count} unreadable or truncated images: {path} {reason}, "
+        f"{', '.join(more)}; replace or delete these files (the search "
+        f"stops at {BAD_FILES_LIMIT})") from None
 
 
 # ---------------------------------------------------------------------- TFDS
