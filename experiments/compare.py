@@ -5,7 +5,10 @@ Usage:
       [--json comparison.json]
 
 Runs are grouped by (benchmark id, method, semantics); the benchmark id is
-``config["benchmark"]`` ("custom" when absent). For each group it prints the
+``config["benchmark"]`` ("custom" when absent). Runs of one group must have
+read the same data (``data_manifest.sha256`` in results.json; "unrecorded"
+for older files): runs over different data are refused unless
+``--mixed_data`` is given, and then each group lists its manifests. For each group it prints the
 mean ± sample standard deviation (ddof=1) and the standard error over runs of
 Acc and AAA, then every published reference for that benchmark and method
 (paper table, official log, LibContinual rerun) with its source and the
@@ -31,6 +34,9 @@ from slora_jax.runner import reference_numbers
 from slora_jax.runner.results import ResultsError, load_results, write_json
 
 _JSON = flags.DEFINE_string("json", None, "Also write the comparison to this JSON file.")
+_MIXED = flags.DEFINE_bool("mixed_data", False,
+                           "Average runs of one group even when they read "
+                           "different data (different data manifests).")
 
 METRICS = (("acc", "Acc"), ("aaa", "AAA"))
 # The three kinds of published reference, in the order they are listed.
@@ -57,6 +63,30 @@ def run_key(results: dict) -> tuple[str, str, str]:
   return str(benchmark), method, _semantics_name(results.get("semantics"))
 
 
+class MixedDataError(ValueError):
+  """Runs of one group read different data."""
+
+
+def data_key(results: dict) -> str:
+  """The short digest of the data a run read, or 'unrecorded'."""
+  sha = (results.get("data_manifest") or {}).get("sha256")
+  return str(sha)[:12] if sha else "unrecorded"
+
+
+def _check_same_data(key, members, mixed_data: bool) -> list[str]:
+  counts: dict[str, int] = {}
+  for _, res in members:
+    counts[data_key(res)] = counts.get(data_key(res), 0) + 1
+  if len(counts) > 1 and not mixed_data:
+    seen = ", ".join(f"{k} ({n} run{'s' if n > 1 else ''})"
+                     for k, n in sorted(counts.items()))
+    raise MixedDataError(
+        f"the runs of {'/'.join(key)} read different data (data manifests "
+        f"{seen}); compare runs over the same data, or pass --mixed_data to "
+        "average them anyway")
+  return sorted(counts)
+
+
 def stats(values: Sequence[float]) -> dict:
   """mean, std (ddof=1; NaN for one run), se = std/√n, n and the values."""
   v = np.asarray(values, dtype=float)
@@ -67,16 +97,24 @@ def stats(values: Sequence[float]) -> dict:
           "values": v.tolist()}
 
 
-def compare_runs(runs: Sequence[tuple[str, dict]]) -> list[dict]:
-  """Groups (path, results) pairs and attaches references; one dict per group."""
+def compare_runs(runs: Sequence[tuple[str, dict]],
+                 mixed_data: bool = False) -> list[dict]:
+  """Groups (path, results) pairs and attaches references; one dict per group.
+
+  Raises:
+    MixedDataError: a group's runs read different data and not ``mixed_data``.
+  """
   groups: dict[tuple[str, str, str], list[tuple[str, dict]]] = {}
   for path, res in runs:
     groups.setdefault(run_key(res), []).append((path, res))
   out = []
   for (benchmark, method, semantics), members in sorted(groups.items()):
     seeds = [res.get("seed", (res.get("config") or {}).get("seed")) for _, res in members]
+    data = _check_same_data((benchmark, method, semantics), members,
+                            mixed_data)
     group = {"benchmark": benchmark, "method": method, "semantics": semantics,
-             "files": [p for p, _ in members], "seeds": seeds}
+             "files": [p for p, _ in members], "seeds": seeds,
+             "data_manifests": data}
     for key, _ in METRICS:
       group[key] = stats([res["summary"][key] for _, res in members])
     refs = []
@@ -116,6 +154,12 @@ def format_comparison(groups: Sequence[dict]) -> str:
                  f"{g['semantics']} | {n} run{plural} (seed{plural} {seeds})")
     if len(set(g["seeds"])) < len(g["seeds"]):
       lines.append("   note: repeated seeds; runs are not independent")
+    data = g.get("data_manifests") or []
+    if len(data) > 1:
+      lines.append("   note: averaged over different data (--mixed_data), "
+                   "manifests " + ", ".join(data))
+    elif data and data[0] != "unrecorded":
+      lines.append(f"   data manifest {data[0]}")
     header = (f"   {'metric':<6} {'ours mean ± std':<17} {'se':>5}   "
               f"{'ref':>6} {'ref se':>6} {'diff':>6}   source")
     lines.append(header)
@@ -144,7 +188,8 @@ def format_comparison(groups: Sequence[dict]) -> str:
 
 
 def run(paths: Sequence[str], json_out: Optional[str] = None,
-        stream: Optional[TextIO] = None, err: Optional[TextIO] = None) -> int:
+        stream: Optional[TextIO] = None, err: Optional[TextIO] = None,
+        mixed_data: bool = False) -> int:
   """Loads ``paths``, prints the comparison, optionally writes JSON.
 
   Returns the exit status: 0, or 2 after a one-line error on ``err``.
@@ -159,7 +204,11 @@ def run(paths: Sequence[str], json_out: Optional[str] = None,
   except ResultsError as e:
     print(f"compare: error: {e}", file=err)
     return 2
-  groups = compare_runs(runs)
+  try:
+    groups = compare_runs(runs, mixed_data)
+  except MixedDataError as e:
+    print(f"compare: error: {e}", file=err)
+    return 2
   print(format_comparison(groups), file=stream)
   if json_out:
     write_json(json_out, {"groups": groups})
@@ -168,7 +217,7 @@ def run(paths: Sequence[str], json_out: Optional[str] = None,
 
 
 def main(argv: Sequence[str]) -> int:
-  return run(list(argv[1:]), _JSON.value)
+  return run(list(argv[1:]), _JSON.value, mixed_data=_MIXED.value)
 
 
 if __name__ == "__main__":

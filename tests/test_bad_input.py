@@ -25,6 +25,7 @@ from slora_jax.runner import checkpoint as ckpt_lib
 from slora_jax.runner import experiment_data
 from slora_jax.runner import config as config_lib
 from slora_jax.runner import session
+from slora_jax.runner.data.sources import folder as folder_lib
 from slora_jax.models import convert
 from slora_jax.models import vit as vit_lib
 import tiny_config
@@ -106,6 +107,34 @@ def test_truncated_image_names_the_file(env, tmp_path):
   assert line.endswith("replace or delete the file")
   assert not [d for d in os.listdir(workdir / "seed_1993" / "checkpoints")
               if d.isdigit()]                     # nothing was saved from it
+
+
+def test_every_bad_image_in_one_message(env, tmp_path):
+  root = _image_folders(tmp_path / "data")
+  bad = [root / "train" / "c" / "1.png", root / "train" / "e" / "2.png",
+         root / "test" / "a" / "0.png"]
+  for b in bad:
+    b.write_bytes(b.read_bytes()[:60])
+  line = error_line(run_cli(env, tmp_path / "run", *_folder_flags(root),
+                            "--config.data.init_cls=6",
+                            "--config.data.num_tasks=1",
+                            "--config.train.batch_size=18"))
+  assert line.startswith("error: 3 unreadable or truncated images: ")
+  listed = line.split("images: ", 1)[1].split("; replace")[0].split(", ")
+  assert sorted(n.split(" (")[0] for n in listed) == sorted(map(str, bad))
+  assert listed[0].endswith(" (image file is truncated)")  # the one read
+  assert line.endswith("replace or delete these files (the search stops "
+                       f"at {folder_lib.BAD_FILES_LIMIT})")
+
+
+def test_bad_image_search_stops_at_the_limit(tmp_path):
+  root = _image_folders(tmp_path / "data")
+  files = sorted(str(p) for p in (root / "train").rglob("*.png"))
+  for f in files[:3]:
+    with open(f, "r+b") as fh:
+      fh.truncate(60)
+  assert folder_lib.bad_files(files, limit=2) == files[:2]
+  assert folder_lib.bad_files(files) == files[:3]
 
 
 def test_fewer_classes_than_the_tasks_need(env, old_run):

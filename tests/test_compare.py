@@ -234,3 +234,30 @@ def test_compare_names_absent_reference_kinds_and_caveats(tmp_path):
   log = g["imagenet_r_10", "sdlora"]["references"][1]
   assert (log["kind"], log["seed"], log["n_runs"]) == ("official_log", 1996, 1)
   assert g["imagenet_r_10", "sdlora"]["references"][0]["n_runs"] == 5
+
+
+def test_compare_refuses_runs_over_different_data(tmp_path):
+  a = _payload(seed=1993, acc=70.0)
+  b = _payload(seed=1994, acc=74.0)
+  a["data_manifest"] = {"sha256": "a" * 64}
+  b["data_manifest"] = {"sha256": "b" * 64}
+  files = [_write(tmp_path, "a", a), _write(tmp_path, "b", b)]
+  out, err = io.StringIO(), io.StringIO()
+  assert compare.run(files, stream=out, err=err) == 2
+  assert err.getvalue().splitlines() == [
+      "compare: error: the runs of imagenet_r_10/sdlora/reference read "
+      f"different data (data manifests {'a' * 12} (1 run), {'b' * 12} (1 run)); "
+      "compare runs over the same data, or pass --mixed_data to average them "
+      "anyway"]
+  assert out.getvalue() == ""
+  out = io.StringIO()
+  assert compare.run(files, stream=out, err=err, mixed_data=True) == 0
+  assert (f"   note: averaged over different data (--mixed_data), manifests "
+          f"{'a' * 12}, {'b' * 12}") in out.getvalue().splitlines()
+  assert "Acc    72.00 ± 2.83" in out.getvalue()
+  # The same data: one group, its manifest named.
+  b["data_manifest"] = a["data_manifest"]
+  files[1] = _write(tmp_path, "b", b)
+  out = io.StringIO()
+  assert compare.run(files, stream=out, err=err) == 0
+  assert f"   data manifest {'a' * 12}" in out.getvalue().splitlines()

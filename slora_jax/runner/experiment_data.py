@@ -21,6 +21,7 @@ import numpy as np
 
 from slora_jax.runner import config as config_lib
 from slora_jax.runner.data import loader
+from slora_jax.runner.data import manifest as manifest_lib
 from slora_jax.runner.data import sources
 from slora_jax.runner.data import tasks
 from slora_jax.runner.data import transforms
@@ -64,6 +65,7 @@ class ExperimentData:
   test_index: np.ndarray
   process_index: int = 0
   process_count: int = 1
+  manifest: dict | None = None   # what was read (`manifest_lib`)
 
   @property
   def num_tasks(self) -> int:
@@ -240,6 +242,8 @@ def prepare(data: config_lib.DataSettings, train: config_lib.TrainSettings,
   # below that, the first n classes of the permutation are used.
   order = tasks.class_order(source.num_classes, seed, data.shuffle_classes)[:n]
   split_train, split_test = source.split("train"), source.split("test")
+  manifest = manifest_lib.of_source(source, (split_train, split_test),
+                                    write_cache=process_index == 0)
   train_labels = tasks.remap_labels(split_train.labels, order)
   test_labels = tasks.remap_labels(split_test.labels, order)
   _check_nonempty(source, order, "train", train_labels)
@@ -257,4 +261,5 @@ def prepare(data: config_lib.DataSettings, train: config_lib.TrainSettings,
       class_order=[int(c) for c in order], task_sizes=sizes,
       train_tasks=train_tasks, train_labels=train_labels,
       test_labels=test_labels, train_index=train_index, test_index=test_index,
-      process_index=int(process_index), process_count=int(process_count))
+      process_index=int(process_index), process_count=int(process_count),
+      manifest=manifest)

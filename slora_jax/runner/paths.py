@@ -16,7 +16,8 @@ import tempfile
 from typing import Iterator
 
 __all__ = ["is_local", "join", "absolute", "dirname", "expanduser", "exists",
-           "isdir", "isfile", "listdir", "subdirs", "walk_files", "free_bytes",
+           "isdir", "isfile", "listdir", "subdirs", "walk_files", "file_size",
+           "free_bytes",
            "makedirs", "remove", "replace",
            "open_file", "read_bytes", "read_text", "write_atomic",
            "tensorboard_dir"]
@@ -105,6 +106,11 @@ def walk_files(path) -> Iterator[tuple[str, list[str]]]:
   yield os.fspath(path), names
   for name in sorted(folders):
     yield from walk_files(join(path, name))
+
+
+def file_size(path) -> int:
+  """Bytes in the file ``path`` (a link: its target's)."""
+  return os.path.getsize(path) if is_local(path) else _epath(path).stat().st_size
 
 
 def free_bytes(path) -> int:

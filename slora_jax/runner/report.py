@@ -43,6 +43,7 @@ def payload(session, done: Sequence[dict], adapters: sl.AdapterState) -> dict:
       curve_top1_task_mean=[d["top1_task_mean"] for d in done],
       curve_top5_sample_weighted=[d["top5_sample_weighted"] for d in done],
       per_task=per_task, backbone=session.backbone_info,
+      data_manifest=data.manifest,
       stored_directions=int(sl.num_stored(adapters)))
 
 

@@ -28,6 +28,8 @@ JSON has no NaN/Infinity: undefined numbers are ``null``.
   versions         ``collect_versions()``: slora_jax, jax, jaxlib, flax, optax,
                    orbax, numpy, python (null where not installed)
   backbone         {name, checkpoint_path, sha256 (or null)}
+  data_manifest    optional, what the run read: per-class counts and a
+                   sha256 of the file list (``slora_jax.runner.data.manifest``)
 
 Readers need only ``summary.acc``/``summary.aaa``, ``curves`` and
 ``acc_matrix`` (checked by ``validate_results``); the rest is provenance.

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import time
 from typing import Any, Callable
 
@@ -26,6 +27,7 @@ from slora_jax.runner import metrics
 from slora_jax.runner import parallel
 from slora_jax.runner import paths
 from slora_jax.runner import steps as steps_lib
+from slora_jax.runner.data import manifest as manifest_lib
 
 __all__ = ["Cursor", "Session", "Progress", "open_session", "fingerprint",
            "NOT_FINGERPRINTED"]
@@ -168,6 +170,10 @@ def open_session(exp: config_lib.Experiment, seed: int, workdir: str) -> Session
   t_start = time.perf_counter()
   data = experiment_data.prepare(exp.data, exp.train, seed,
                                  single_phase=exp.method.single_phase)
+  warning = manifest_lib.known_counts_warning(data.manifest,
+                                              exp.raw.get("benchmark"))
+  if warning and jax.process_index() == 0:
+    logging.warning("%s", warning)
   mesh = parallel.make_mesh()
   model_cfg, model, params, info = backbone_lib.build(exp.model, exp.data)
   apply_fn = lambda p, x: model.apply({"params": p}, x)

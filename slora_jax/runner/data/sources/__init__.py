@@ -7,7 +7,9 @@ to three channels), so the loader's threads decode in parallel.
 
 Problems a user can fix raise `DataError` with one line that names the problem
 and the fix. Sources check what they can when they are built (directories,
-headers, class folders); a corrupt image file is only found when it is read.
+headers, class folders); a corrupt image file is only found when it is read
+(an image folder then searches its other files, so one message names them
+all, up to a limit).
 """
 
 from __future__ import annotations

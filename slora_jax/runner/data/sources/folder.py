@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import concurrent.futures
+
 import numpy as np
 
 from slora_jax.runner import paths
@@ -10,7 +12,11 @@ from slora_jax.runner.data.sources.core import (DataError, IMAGE_EXTENSIONS,
                                                Source, Split, SPLITS,
                                                _decode_image)
 
-__all__ = ["ImageFolderSource"]
+__all__ = ["ImageFolderSource", "BAD_FILES_LIMIT"]
+
+# A bad image makes the source look for others, so one message names them
+# all; the search stops at this many.
+BAD_FILES_LIMIT = 20
 
 
 def _class_files(folder: str) -> list[str]:
@@ -26,6 +32,33 @@ def _read_image(path: str) -> np.ndarray:
   # PIL opens a local path itself; a remote image is read whole first.
   return _decode_image(path if paths.is_local(path) else _image_bytes(path),
                        path)
+
+
+def _problem(path: str) -> str | None:
+  """Why ``path`` cannot be decoded, or None (JPEGs decoded at 1/8 scale:
+  the whole stream is still read, so truncation is still found)."""
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  try:
+    with Image.open(path if paths.is_local(path) else _image_bytes(path)) as im:
+      im.draft("RGB", (im.width // 8 or 1, im.height // 8 or 1))
+      im.load()
+  except FileNotFoundError:
+    return "disappeared"
+  except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    return " ".join(str(e).split()) or type(e).__name__
+  return None
+
+
+def bad_files(files: list[str], limit: int = BAD_FILES_LIMIT) -> list[str]:
+  """The files among ``files`` that PIL cannot decode, at most ``limit``."""
+  bad = []
+  with concurrent.futures.ThreadPoolExecutor(8) as pool:
+    for start in range(0, len(files), 256):
+      chunk = files[start:start + 256]
+      bad += [f for f, why in zip(chunk, pool.map(_problem, chunk)) if why]
+      if len(bad) >= limit:
+        break
+  return bad[:limit]
 
 
 def _image_bytes(path: str):
@@ -99,8 +132,30 @@ class ImageFolderSource(Source):
     if name not in self._files:
       raise DataError(f"{self.root}: no {name}/ folder; {self._LAYOUT}")
     files, labels = self._files[name]
-    return Split(labels, lambda i: _read_image(files[i]),
+    return Split(labels, lambda i: self._read(files[i]),
                  lambda i: files[i], name)
+
+  def _read(self, path: str) -> np.ndarray:
+    try:
+      return _read_image(path)
+    except DataError as e:
+      if "unreadable or truncated" not in str(e):
+        raise
+      first = e
+    # Every bad file in one message, not one per rerun: search the others.
+    others = [f for split in SPLITS if split in self._files
+              for f in self._files[split][0] if f != path]
+    more = bad_files(others, BAD_FILES_LIMIT - 1)
+    if not more:
+      raise first
+    n = len(more) + 1
+    count = f"at least {n}" if n >= BAD_FILES_LIMIT else str(n)
+    reason = str(first).split("unreadable or truncated image ", 1)[1]
+    reason = reason.rsplit("; replace or delete the file", 1)[0]
+    raise DataError(
+        f"{count} unreadable or truncated images: {path} {reason}, "
+        f"{', '.join(more)}; replace or delete these files (the search "
+        f"stops at {BAD_FILES_LIMIT})") from None
 
 
 # ---------------------------------------------------------------------- TFDS
