@@ -3,7 +3,9 @@
 Two on-disk layouts are supported:
 
 * timm ``model.safetensors`` (PyTorch ``state_dict`` names and layouts), e.g.
-  ``timm/vit_base_patch16_224.augreg2_in21k_ft_in1k``, the SD-LoRA backbone.
+  ``timm/vit_base_patch16_224.augreg2_in21k_ft_in1k``, the SD-LoRA backbone;
+  its ``pytorch_model.bin`` (the same ``state_dict``, pickled by ``torch.save``)
+  too, read with torch's weights-only unpickler when torch is installed.
 * The AugReg ``.npz`` layout of google-research/vision_transformer
   (``Transformer/encoderblock_{i}/MultiHeadDotProductAttention_1/...``).
 
@@ -12,7 +14,9 @@ fused-qkv parameter tree, that names the checkpoint key(s), their expected
 shapes and the reshape in each direction. Loading is strict: a missing key, an
 unconsumed key or a wrong shape raises `CheckpointMismatchError`; only the
 classifier (``head``, ``pre_logits``) is skipped, because SD-LoRA trains its
-own head on the final-norm class token.
+own head on the final-norm class token. A file that cannot be read at all
+(truncated, corrupt, another format) raises `UnreadableCheckpointError`, one
+line naming the file.
 """
 
 from __future__ import annotations
@@ -23,17 +27,21 @@ import logging
 import math
 import os
 import pathlib
+import pickle
+import zipfile
 from typing import Any, Callable
 
 import jax
 import numpy as np
+import safetensors
 import safetensors.numpy
 
 from slora_jax.models import vit as vit_lib
 
 __all__ = [
-    "CheckpointMismatchError", "load_pretrained", "load_timm_safetensors",
-    "save_timm_safetensors", "load_big_vision_npz", "save_big_vision_npz",
+    "CheckpointMismatchError", "UnreadableCheckpointError", "load_pretrained",
+    "load_timm_safetensors", "load_torch_bin", "save_timm_safetensors",
+    "load_big_vision_npz", "save_big_vision_npz",
     "to_split_qkv", "to_fused_qkv",
 ]
 
@@ -48,6 +56,17 @@ _MAX_REPORTED = 5
 
 class CheckpointMismatchError(ValueError):
   """A checkpoint's keys or shapes do not fit the model configuration."""
+
+
+class UnreadableCheckpointError(ValueError):
+  """A weights file cannot be read: truncated, corrupt, or another format."""
+
+
+def _unreadable(path, kind: str, why: str) -> UnreadableCheckpointError:
+  why = " ".join(str(why).split()) or "unknown reason"
+  return UnreadableCheckpointError(
+      f"{path}: not a readable {kind} file ({why}); it may be truncated or "
+      "corrupt: download it again")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -410,8 +429,15 @@ def load_timm_safetensors(path: PathLike, config: vit_lib.ViTConfig) -> dict:
     CheckpointMismatchError: missing, unexpected or wrongly shaped keys.
   """
   path = _existing_file(path)
-  flat = (safetensors.numpy.load_file(path) if isinstance(path, pathlib.Path)
-          else safetensors.numpy.load(path.read_bytes()))
+  try:
+    flat = (safetensors.numpy.load_file(path) if isinstance(path, pathlib.Path)
+            else safetensors.numpy.load(path.read_bytes()))
+  except safetensors.SafetensorError as e:
+    raise _unreadable(path, ".safetensors", e) from e
+  return _from_timm(flat, path, config)
+
+
+def _from_timm(flat: dict[str, np.ndarray], path, config) -> dict:
   norms = sorted(k for k in flat if k.startswith("fc_norm."))
   if norms:
     raise CheckpointMismatchError(
@@ -420,6 +446,57 @@ def load_timm_safetensors(path: PathLike, config: vit_lib.ViTConfig) -> dict:
         "Identity are supported")
   return _from_checkpoint(flat, _timm_rules(config), config, str(path),
                           _TIMM_IGNORED)
+
+
+def load_torch_bin(path: PathLike, config: vit_lib.ViTConfig) -> dict:
+  """Loads a timm ``pytorch_model.bin`` (a ``torch.save``'d ``state_dict``).
+
+  Pickles can run code, so the file is read with torch's weights-only
+  unpickler, whose allow-list is tensors and plain containers: a file naming
+  any other global is refused. Needs torch (imported here only).
+
+  Args:
+    path: the ``.bin`` file.
+    config: the target model; ``config.qkv`` picks the attention layout.
+
+  Returns:
+    The parameter tree as float32 host numpy arrays.
+
+  Raises:
+    FileNotFoundError: no file at ``path``.
+    UnreadableCheckpointError: torch is missing, the file is not a
+      ``torch.save`` archive of tensors, or it names a global off the list.
+    CheckpointMismatchError: missing, unexpected or wrongly shaped keys.
+  """
+  path = _existing_file(path)
+  try:
+    import torch  # pylint: disable=import-outside-toplevel
+  except ImportError as e:
+    raise UnreadableCheckpointError(
+        f"{path}: reading a PyTorch .bin file needs torch, which is not "
+        "installed: pip install torch (a CPU build is enough), or use the "
+        "weights' model.safetensors") from e
+  data = io.BytesIO(path.read_bytes())
+  if not zipfile.is_zipfile(data):
+    # torch.save has written zip archives since torch 1.6.
+    raise _unreadable(path, "torch.save", "not a zip archive")
+  try:
+    state = torch.load(data, map_location="cpu", weights_only=True)
+  except pickle.UnpicklingError as e:
+    why = [l for l in str(e).splitlines() if "GLOBAL" in l] or [str(e)]
+    raise UnreadableCheckpointError(
+        f"refusing to load {path}: torch's weights-only unpickler rejected "
+        f"it ({' '.join(why[0].split())}); a weights file holds only "
+        "tensors, and this one may run code when unpickled") from e
+  except Exception as e:  # pylint: disable=broad-except
+    raise _unreadable(path, "torch.save", f"{type(e).__name__}: {e}") from e
+  if not (isinstance(state, dict)
+          and all(isinstance(v, torch.Tensor) for v in state.values())):
+    raise _unreadable(path, "state_dict",
+                      f"holds a {type(state).__name__}, not a dict of tensors")
+  # float32 first: numpy has no bfloat16.
+  flat = {k: v.detach().to(torch.float32).numpy() for k, v in state.items()}
+  return _from_timm(flat, path, config)
 
 
 def save_timm_safetensors(params: Any, path: PathLike,
@@ -457,9 +534,15 @@ def load_big_vision_npz(path: PathLike, config: vit_lib.ViTConfig) -> dict:
     CheckpointMismatchError: missing, unexpected or wrongly shaped keys.
   """
   path = _existing_file(path)
-  with np.load(path if isinstance(path, pathlib.Path)
-               else io.BytesIO(path.read_bytes()), allow_pickle=False) as npz:
-    flat = {k: npz[k] for k in npz.files}
+  data = io.BytesIO(path.read_bytes())
+  if data.getvalue()[:4] != b"PK\x03\x04":
+    # np.load would take it for a pickle and suggest allow_pickle: never.
+    raise _unreadable(path, ".npz", "no zip header: not an .npz archive")
+  try:
+    with np.load(data, allow_pickle=False) as npz:
+      flat = {k: npz[k] for k in npz.files}
+  except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+    raise _unreadable(path, ".npz", f"{type(e).__name__}: {e}") from e
   return _from_checkpoint(flat, _big_vision_rules(config), config, str(path),
                           _BIG_VISION_IGNORED)
 
@@ -483,7 +566,7 @@ def save_big_vision_npz(params: Any, path: PathLike,
 
 
 def load_pretrained(path: PathLike, config: vit_lib.ViTConfig) -> dict:
-  """Loads ``.safetensors`` (timm) or ``.npz`` (AugReg) weights by file suffix.
+  """Loads timm ``.safetensors``/``.bin`` or AugReg ``.npz`` weights by suffix.
 
   Args:
     path: the checkpoint file.
@@ -493,7 +576,7 @@ def load_pretrained(path: PathLike, config: vit_lib.ViTConfig) -> dict:
     The parameter tree as float32 host numpy arrays.
 
   Raises:
-    ValueError: an unknown suffix.
+    UnreadableCheckpointError: an unknown suffix, or a file that cannot be read.
     FileNotFoundError: no file at ``path``.
     CheckpointMismatchError: the checkpoint does not fit ``config``.
   """
@@ -502,5 +585,8 @@ def load_pretrained(path: PathLike, config: vit_lib.ViTConfig) -> dict:
     return load_timm_safetensors(path, config)
   if suffix == ".npz":
     return load_big_vision_npz(path, config)
-  raise ValueError(f"{path}: unknown checkpoint format {suffix!r}; expected "
-                   "'.safetensors' (timm) or '.npz' (AugReg ViT)")
+  if suffix == ".bin":
+    return load_torch_bin(path, config)
+  raise UnreadableCheckpointError(
+      f"{path}: unknown checkpoint format {suffix!r}; expected '.safetensors' "
+      "or '.bin' (timm) or '.npz' (AugReg ViT)")

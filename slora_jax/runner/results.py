@@ -27,7 +27,8 @@ JSON has no NaN/Infinity: undefined numbers are ``null``.
                      eval_time_s, ...}]
   versions         ``collect_versions()``: slora_jax, jax, jaxlib, flax, optax,
                    orbax, numpy, python (null where not installed)
-  backbone         {name, checkpoint_path, sha256 (or null)}
+  backbone         {name, checkpoint_path, sha256 (or null), init; hub:
+                    {repo, revision, commit, filename} for weights by name}
 
 Readers need only ``summary.acc``/``summary.aaa``, ``curves`` and
 ``acc_matrix`` (checked by ``validate_results``); the rest is provenance.
