@@ -33,6 +33,7 @@ from __future__ import annotations
 import hashlib
 import http.server
 import os
+import socket
 import threading
 import urllib.parse
 
@@ -48,6 +49,10 @@ def _read(data) -> bytes:
 
 class _Handler(http.server.BaseHTTPRequestHandler):
   protocol_version = "HTTP/1.1"
+
+  def setup(self):
+    super().setup()
+    self.server.hub.opened(self.connection)
 
   def log_message(self, *args):  # quiet: pytest shows stderr on failure
     pass
@@ -119,6 +124,7 @@ class FakeHub:
     self._gets: dict[str, int] = {}
     self._cuts = 0
     self._cache: dict[tuple[str, str], bytes] = {}
+    self._connections: list[socket.socket] = []
     self._lock = threading.Lock()
     self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
     self._server.daemon_threads = True
@@ -160,12 +166,23 @@ class FakeHub:
         return True
       return False
 
+  def opened(self, connection: socket.socket) -> None:
+    with self._lock:
+      self._connections.append(connection)
+
   def stop(self) -> None:
-    """Stops serving: the Hub is unreachable from now on."""
+    """Stops serving: the Hub is unreachable from now on, kept-alive
+    connections included."""
     if self._thread.is_alive():
       self._server.shutdown()
       self._thread.join()
     self._server.server_close()
+    with self._lock:
+      for connection in self._connections:
+        try:
+          connection.shutdown(socket.SHUT_RDWR)
+        except OSError:
+          pass                          # already closed by the client
 
   def __enter__(self) -> "FakeHub":
     return self
@@ -174,11 +191,12 @@ class FakeHub:
     self.stop()
 
 
-def hub_env(hub: FakeHub, hf_home, **extra) -> dict:
-  """``os.environ`` for a subprocess that downloads from ``hub`` into
-  ``hf_home`` (no token, no telemetry, no Xet)."""
-  env = dict(os.environ, HF_ENDPOINT=hub.url, HF_HOME=str(hf_home),
-             HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_DISABLE_XET="1")
+def hub_env(hub: FakeHub, hf_home, base=None, **extra) -> dict:
+  """``base`` (default ``os.environ``) for a subprocess that downloads from
+  ``hub`` into ``hf_home`` (no token, no telemetry, no Xet), plus ``extra``."""
+  env = dict(os.environ if base is None else base, HF_ENDPOINT=hub.url,
+             HF_HOME=str(hf_home), HF_HUB_DISABLE_TELEMETRY="1",
+             HF_HUB_DISABLE_XET="1")
   for name in ("HF_HUB_CACHE", "HF_HUB_OFFLINE", "HF_TOKEN",
                "HUGGINGFACE_HUB_CACHE", "TRANSFORMERS_OFFLINE"):
     env.pop(name, None)

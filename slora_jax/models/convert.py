@@ -480,6 +480,7 @@ def load_torch_bin(path: PathLike, config: vit_lib.ViTConfig) -> dict:
   if not zipfile.is_zipfile(data):
     # torch.save has written zip archives since torch 1.6.
     raise _unreadable(path, "torch.save", "not a zip archive")
+  data.seek(0)                           # is_zipfile read to the end
   try:
     state = torch.load(data, map_location="cpu", weights_only=True)
   except pickle.UnpicklingError as e:
