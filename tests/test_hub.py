@@ -1,6 +1,6 @@
 """Backbone weights by name from the Hugging Face Hub, against `fake_hub`.
 
-In process (`slora_jax.models.hub` with an explicit endpoint and cache) for
+In process (`slora_jax.runner.hub` with an explicit endpoint and cache) for
 the download, cache, integrity and error paths; in a subprocess for the
 runner, where huggingface_hub reads HF_ENDPOINT/HF_HOME/HF_HUB_OFFLINE from
 the environment as a user's run does.
@@ -18,8 +18,9 @@ import safetensors.numpy
 from cli_util import SEED_DIR, cli_env, error_line, run_cli, tail
 from fake_hub import FakeHub, hub_env
 from slora_jax.models import convert
-from slora_jax.models import hub
 from slora_jax.models import vit as vit_lib
+from slora_jax.runner import backbone
+from slora_jax.runner import hub
 
 REPO = "test/tiny-vit"
 # tests/tiny_config.py's model.
@@ -36,6 +37,12 @@ def weights(tmp_path_factory):
   return params, path, path.read_bytes()
 
 
+def _load(name=REPO, **kw):
+  """(params, HubFile), as the runner loads weights by name."""
+  f = hub.fetch(name, **kw)
+  return backbone.load_weights(f.path, CFG), f
+
+
 def _assert_same(a, b):
   jax.tree.map(np.testing.assert_array_equal, a, b)   # float32 both ways
 
@@ -44,7 +51,7 @@ def test_download_then_cache_then_offline(weights, tmp_path):
   params, path, data = weights
   cache = str(tmp_path / "hf")
   with FakeHub({REPO: {"model.safetensors": path}}) as fake:
-    got, f = hub.load_pretrained(REPO, CFG, cache_dir=cache, endpoint=fake.url)
+    got, f = _load(cache_dir=cache, endpoint=fake.url)
     _assert_same(got, params)
     assert (f.repo, f.revision, f.commit, f.filename) == (
         REPO, "main", FakeHub.commit(REPO), "model.safetensors")
@@ -56,7 +63,7 @@ def test_download_then_cache_then_offline(weights, tmp_path):
                        endpoint=fake.url)
     assert (pinned.commit, pinned.path) == (f.commit, f.path)
   # The server is down: the cache still answers.
-  got, again = hub.load_pretrained(REPO, CFG, cache_dir=cache,
+  got, again = _load(cache_dir=cache,
                                    endpoint=fake.url)
   assert again == f
   _assert_same(got, params)
@@ -77,7 +84,7 @@ def test_damaged_cache_and_cut_download_are_fetched_again(weights, tmp_path):
     # huggingface_hub 1.x, restarted by 0.x) into a fresh cache.
     fake.cut_next(1)
     fresh = str(tmp_path / "hf2")
-    got, cut = hub.load_pretrained(REPO, CFG, cache_dir=fresh,
+    got, cut = _load(cache_dir=fresh,
                                    endpoint=fake.url)
     assert fake.gets(REPO) == 4 and cut.sha256 == f.sha256
     _assert_same(got, params)
@@ -122,7 +129,7 @@ def test_pytorch_model_bin_when_there_is_no_safetensors(weights, tmp_path):
   torch.save(state, tmp_path / "pytorch_model.bin")
   with FakeHub({REPO: {"pytorch_model.bin": tmp_path / "pytorch_model.bin"}
                 }) as fake:
-    got, f = hub.load_pretrained(REPO, CFG, cache_dir=str(tmp_path / "hf"),
+    got, f = _load(cache_dir=str(tmp_path / "hf"),
                                  endpoint=fake.url)
   assert f.filename == "pytorch_model.bin"
   _assert_same(got, params)

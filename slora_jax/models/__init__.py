@@ -6,7 +6,7 @@ from slora_jax.models.convert import (
     load_big_vision_npz,
     load_pretrained,
     load_timm_safetensors,
-    load_torch_bin,
+    from_timm_state_dict,
     save_big_vision_npz,
     save_timm_safetensors,
     to_fused_qkv,
@@ -27,7 +27,7 @@ __all__ = [
     "CheckpointMismatchError", "UnreadableCheckpointError", "ViTConfig",
     "VisionTransformer", "abstract_params", "count_params", "init_params",
     "load_big_vision_npz", "load_pretrained", "load_timm_safetensors",
-    "load_torch_bin", "save_big_vision_npz",
+    "from_timm_state_dict", "save_big_vision_npz",
     "save_timm_safetensors", "to_fused_qkv", "to_split_qkv", "vit_b16",
     "vit_s16", "vit_ti16",
 ]

@@ -4,8 +4,8 @@ Two on-disk layouts are supported:
 
 * timm ``model.safetensors`` (PyTorch ``state_dict`` names and layouts), e.g.
   ``timm/vit_base_patch16_224.augreg2_in21k_ft_in1k``, the SD-LoRA backbone;
-  its ``pytorch_model.bin`` (the same ``state_dict``, pickled by ``torch.save``)
-  too, read with torch's weights-only unpickler when torch is installed.
+  its ``pytorch_model.bin`` (the same ``state_dict``, pickled) is read by the
+  runner with torch and converted here by `from_timm_state_dict`.
 * The AugReg ``.npz`` layout of google-research/vision_transformer
   (``Transformer/encoderblock_{i}/MultiHeadDotProductAttention_1/...``).
 
@@ -27,7 +27,6 @@ import logging
 import math
 import os
 import pathlib
-import pickle
 import zipfile
 from typing import Any, Callable
 
@@ -40,7 +39,7 @@ from slora_jax.models import vit as vit_lib
 
 __all__ = [
     "CheckpointMismatchError", "UnreadableCheckpointError", "load_pretrained",
-    "load_timm_safetensors", "load_torch_bin", "save_timm_safetensors",
+    "load_timm_safetensors", "from_timm_state_dict", "save_timm_safetensors",
     "load_big_vision_npz", "save_big_vision_npz",
     "to_split_qkv", "to_fused_qkv",
 ]
@@ -437,6 +436,19 @@ def load_timm_safetensors(path: PathLike, config: vit_lib.ViTConfig) -> dict:
   return _from_timm(flat, path, config)
 
 
+def from_timm_state_dict(flat: dict[str, np.ndarray], config: vit_lib.ViTConfig,
+                         source: str = "state_dict") -> dict:
+  """Converts a timm ViT ``state_dict`` (names -> numpy arrays) strictly.
+
+  For weights read by other means, e.g. the runner's ``pytorch_model.bin``
+  reader (torch); ``source`` names them in errors.
+
+  Raises:
+    CheckpointMismatchError: missing, unexpected or wrongly shaped keys.
+  """
+  return _from_timm(flat, source, config)
+
+
 def _from_timm(flat: dict[str, np.ndarray], path, config) -> dict:
   norms = sorted(k for k in flat if k.startswith("fc_norm."))
   if norms:
@@ -446,58 +458,6 @@ def _from_timm(flat: dict[str, np.ndarray], path, config) -> dict:
         "Identity are supported")
   return _from_checkpoint(flat, _timm_rules(config), config, str(path),
                           _TIMM_IGNORED)
-
-
-def load_torch_bin(path: PathLike, config: vit_lib.ViTConfig) -> dict:
-  """Loads a timm ``pytorch_model.bin`` (a ``torch.save``'d ``state_dict``).
-
-  Pickles can run code, so the file is read with torch's weights-only
-  unpickler, whose allow-list is tensors and plain containers: a file naming
-  any other global is refused. Needs torch (imported here only).
-
-  Args:
-    path: the ``.bin`` file.
-    config: the target model; ``config.qkv`` picks the attention layout.
-
-  Returns:
-    The parameter tree as float32 host numpy arrays.
-
-  Raises:
-    FileNotFoundError: no file at ``path``.
-    UnreadableCheckpointError: torch is missing, the file is not a
-      ``torch.save`` archive of tensors, or it names a global off the list.
-    CheckpointMismatchError: missing, unexpected or wrongly shaped keys.
-  """
-  path = _existing_file(path)
-  try:
-    import torch  # pylint: disable=import-outside-toplevel
-  except ImportError as e:
-    raise UnreadableCheckpointError(
-        f"{path}: reading a PyTorch .bin file needs torch, which is not "
-        "installed: pip install torch (a CPU build is enough), or use the "
-        "weights' model.safetensors") from e
-  data = io.BytesIO(path.read_bytes())
-  if not zipfile.is_zipfile(data):
-    # torch.save has written zip archives since torch 1.6.
-    raise _unreadable(path, "torch.save", "not a zip archive")
-  data.seek(0)                           # is_zipfile read to the end
-  try:
-    state = torch.load(data, map_location="cpu", weights_only=True)
-  except pickle.UnpicklingError as e:
-    why = [l for l in str(e).splitlines() if "GLOBAL" in l] or [str(e)]
-    raise UnreadableCheckpointError(
-        f"refusing to load {path}: torch's weights-only unpickler rejected "
-        f"it ({' '.join(why[0].split())}); a weights file holds only "
-        "tensors, and this one may run code when unpickled") from e
-  except Exception as e:  # pylint: disable=broad-except
-    raise _unreadable(path, "torch.save", f"{type(e).__name__}: {e}") from e
-  if not (isinstance(state, dict)
-          and all(isinstance(v, torch.Tensor) for v in state.values())):
-    raise _unreadable(path, "state_dict",
-                      f"holds a {type(state).__name__}, not a dict of tensors")
-  # float32 first: numpy has no bfloat16.
-  flat = {k: v.detach().to(torch.float32).numpy() for k, v in state.items()}
-  return _from_timm(flat, path, config)
 
 
 def save_timm_safetensors(params: Any, path: PathLike,
@@ -567,7 +527,7 @@ def save_big_vision_npz(params: Any, path: PathLike,
 
 
 def load_pretrained(path: PathLike, config: vit_lib.ViTConfig) -> dict:
-  """Loads timm ``.safetensors``/``.bin`` or AugReg ``.npz`` weights by suffix.
+  """Loads ``.safetensors`` (timm) or ``.npz`` (AugReg) weights by file suffix.
 
   Args:
     path: the checkpoint file.
@@ -587,7 +547,11 @@ def load_pretrained(path: PathLike, config: vit_lib.ViTConfig) -> dict:
   if suffix == ".npz":
     return load_big_vision_npz(path, config)
   if suffix == ".bin":
-    return load_torch_bin(path, config)
+    # A pickle: this torch-free module reads none.
+    raise UnreadableCheckpointError(
+        f"{path}: a PyTorch .bin pickle; slora_jax.models reads no pickles: "
+        "use the weights' model.safetensors, or the runner, which reads .bin "
+        "files with torch's weights-only unpickler")
   raise UnreadableCheckpointError(
       f"{path}: unknown checkpoint format {suffix!r}; expected '.safetensors' "
-      "or '.bin' (timm) or '.npz' (AugReg ViT)")
+      "(timm) or '.npz' (AugReg ViT)")

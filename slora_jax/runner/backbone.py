@@ -33,14 +33,15 @@ from jax.experimental import multihost_utils
 import numpy as np
 
 from slora_jax.runner import config as config_lib
+from slora_jax.runner import hub
 from slora_jax.runner import paths
 from slora_jax.runner import pretrain
+from slora_jax.runner import reference_import
 from slora_jax.runner import results as results_lib
 from slora_jax.models import convert
-from slora_jax.models import hub
 from slora_jax.models import vit as vit_lib
 
-__all__ = ["build", "synthetic_pretrain", "default_cache_dir"]
+__all__ = ["build", "load_weights", "synthetic_pretrain", "default_cache_dir"]
 
 
 def default_cache_dir() -> str:
@@ -60,7 +61,7 @@ def build(m: config_lib.ModelSettings, data: config_lib.DataSettings):
   if m.init == "pretrained":
     t0 = time.perf_counter()
     if m.checkpoint:                  # a local or gs:// file wins over the Hub
-      params = convert.load_pretrained(m.checkpoint, cfg)
+      params = load_weights(m.checkpoint, cfg)
       info = {"name": m.weights,
               "checkpoint_path": paths.absolute(m.checkpoint),
               "sha256": results_lib.sha256_file(m.checkpoint), "init": m.init}
@@ -84,6 +85,18 @@ def build(m: config_lib.ModelSettings, data: config_lib.DataSettings):
   return cfg, model, params, info
 
 
+def load_weights(path: str, cfg: vit_lib.ViTConfig):
+  """Float32 host params from a local or gs:// weights file: timm
+  ``.safetensors`` or ``.bin`` (torch's weights-only unpickler), AugReg
+  ``.npz``."""
+  if not path.lower().endswith(".bin"):
+    return convert.load_pretrained(path, cfg)
+  if not paths.isfile(path):
+    raise FileNotFoundError(f"checkpoint file not found: {path}")
+  flat = reference_import.read_state_dict(paths.read_bytes(path), path)
+  return convert.from_timm_state_dict(flat, cfg, path)
+
+
 def _from_hub(m: config_lib.ModelSettings, cfg: vit_lib.ViTConfig):
   """The weights ``m.weights`` names on the Hub: ``(params, info)``.
 
@@ -97,7 +110,8 @@ def _from_hub(m: config_lib.ModelSettings, cfg: vit_lib.ViTConfig):
         "name the weights' Hugging Face Hub repository "
         "(--config.model.weights=timm/vit_base_patch16_224.augreg2_in21k_"
         "ft_in1k) or pass --config.model.checkpoint=/path/to/file")
-  params, hub_file = hub.load_pretrained(m.weights, cfg)
+  hub_file = hub.fetch(m.weights)
+  params = load_weights(hub_file.path, cfg)
   if jax.process_count() > 1:
     ours = np.frombuffer(bytes.fromhex(hub_file.sha256), np.uint8)
     theirs = np.asarray(multihost_utils.broadcast_one_to_all(ours))

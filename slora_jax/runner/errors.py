@@ -6,7 +6,7 @@ from slora_jax.runner.checkpoint import WorkdirError
 from slora_jax.runner.data.sources import DataError
 from slora_jax.models.convert import CheckpointMismatchError
 from slora_jax.models.convert import UnreadableCheckpointError
-from slora_jax.models.hub import HubError
+from slora_jax.runner.hub import HubError
 
 
 class NonFiniteLossError(FloatingPointError):

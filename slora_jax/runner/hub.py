@@ -1,10 +1,13 @@
 """Backbone weights by name from the Hugging Face Hub.
 
-``load_pretrained("timm/vit_base_patch16_224.augreg2_in21k_ft_in1k", cfg)``
-downloads the repository's ``model.safetensors`` (or, where it has none,
-``pytorch_model.bin``) with ``huggingface_hub``, an optional dependency, and
-converts it with `slora_jax.models.convert`. A name may pin a revision:
-``owner/name@<branch, tag or commit hash>`` (default ``main``).
+``fetch("timm/vit_base_patch16_224.augreg2_in21k_ft_in1k")`` downloads the
+repository's ``model.safetensors`` (or, where it has none,
+``pytorch_model.bin``) with ``huggingface_hub`` and returns the cached file,
+the commit it came from and its sha256; `slora_jax.runner.backbone` loads it.
+A name may pin a revision: ``owner/name@<branch, tag or commit hash>``
+(default ``main``). In the runner, not the library: the library's
+dependencies are only what it imports (tests/test_packaging.py), and
+huggingface_hub stays optional (one line if missing).
 
 Everything huggingface_hub reads from the environment applies: ``HF_HOME`` or
 ``HF_HUB_CACHE`` (the cache; a second call reads the file from there),
@@ -28,11 +31,9 @@ import os
 import re
 from typing import Any
 
-from slora_jax.models import convert
-from slora_jax.models import vit as vit_lib
+from slora_jax.runner import paths
 
-__all__ = ["HubError", "HubFile", "WEIGHT_FILES", "parse_name", "fetch",
-           "load_pretrained"]
+__all__ = ["HubError", "HubFile", "WEIGHT_FILES", "parse_name", "fetch"]
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +91,7 @@ def _hf():
 
 def _sha256(path: str) -> str:
   h = hashlib.sha256()
-  with open(path, "rb") as f:
+  with paths.open_file(path, "rb") as f:
     for chunk in iter(lambda: f.read(1 << 20), b""):
       h.update(chunk)
   return h.hexdigest()
@@ -98,8 +99,9 @@ def _sha256(path: str) -> str:
 
 def _expected_sha256(path: str) -> str | None:
   """The Hub's sha256 of a cached file: the name of the blob it links to."""
-  blob = os.path.basename(os.path.realpath(path))
-  return blob if os.path.islink(path) and _SHA256.fullmatch(blob) else None
+  # huggingface_hub's cache is always local: its links are read directly.
+  blob = os.path.basename(os.path.realpath(path))  # path-ok
+  return blob if os.path.islink(path) and _SHA256.fullmatch(blob) else None  # path-ok
 
 
 def _first_line(e: BaseException) -> str:
@@ -198,7 +200,7 @@ def fetch(name: str, *, cache_dir: str | None = None,
       raise HubError(f"downloading {filename} of {repo}@{revision} failed "
                      f"({_first_line(e)}); retry, or pass a local file in "
                      "model.checkpoint") from e
-    commit = os.path.basename(os.path.dirname(path))
+    commit = os.path.basename(os.path.dirname(path))  # path-ok: snapshots/<commit>/
     return HubFile(repo, revision, commit, filename, path, sha)
   if isinstance(first_error, errors.LocalEntryNotFoundError):
     raise HubError(
@@ -211,10 +213,3 @@ def fetch(name: str, *, cache_dir: str | None = None,
       f"{', '.join(WEIGHT_FILES)}; name a timm model repository, or pass a "
       "local file in model.checkpoint") from first_error
 
-
-def load_pretrained(name: str, config: vit_lib.ViTConfig, *,
-                    cache_dir: str | None = None,
-                    endpoint: str | None = None) -> tuple[dict, HubFile]:
-  """`fetch` then `convert.load_pretrained`: ``(params, HubFile)``."""
-  hub_file = fetch(name, cache_dir=cache_dir, endpoint=endpoint)
-  return convert.load_pretrained(hub_file.path, config), hub_file
