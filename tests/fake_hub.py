@@ -21,6 +21,7 @@ Usage::
       hub.commit("timm/tiny")   # the 40-hex commit it is served at
       hub.gets("timm/tiny")     # how many GETs (downloads) it answered
       hub.cut_next(1)           # the next GET sends half the body and hangs up
+      hub.corrupt = True        # GETs send a changed byte (headers stay true)
       hub.stop()                # offline from now on (also on leaving `with`)
 
 A file's contents may be ``bytes`` or a path (read once, when served), so a
@@ -105,6 +106,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
       self.wfile.flush()
       self.close_connection = True
       return None
+    if hub.corrupt:
+      data = data[:-1] + bytes([data[-1] ^ 1])
     self.wfile.write(data[start:])
     return None
 
@@ -123,6 +126,7 @@ class FakeHub:
     self.log: list[tuple[str, str]] = []
     self._gets: dict[str, int] = {}
     self._cuts = 0
+    self.corrupt = False
     self._cache: dict[tuple[str, str], bytes] = {}
     self._connections: list[socket.socket] = []
     self._lock = threading.Lock()

@@ -90,6 +90,21 @@ def test_damaged_cache_and_cut_download_are_fetched_again(weights, tmp_path):
     _assert_same(got, params)
 
 
+def test_a_file_that_stays_wrong_is_one_line(weights, tmp_path):
+  _, path, data = weights
+  with FakeHub({REPO: {"model.safetensors": path}}) as fake:
+    fake.corrupt = True
+    with pytest.raises(hub.HubError) as e:
+      hub.fetch(REPO, cache_dir=str(tmp_path / "hf"), endpoint=fake.url)
+  assert fake.gets(REPO) == 2                     # downloaded once more
+  want = hashlib.sha256(data).hexdigest()
+  assert str(e.value).endswith(
+      f": downloaded {REPO} model.safetensors twice and its sha256 is "
+      f"{hashlib.sha256(data[:-1] + bytes([data[-1] ^ 1])).hexdigest()}, not "
+      f"the Hub's {want}; check HF_ENDPOINT and the network, or pass a local "
+      "file in model.checkpoint")
+
+
 def test_unknown_repo_revision_or_file_is_one_line(weights, tmp_path):
   _, path, _ = weights
   kw = {"cache_dir": str(tmp_path / "hf")}
