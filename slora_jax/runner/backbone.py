@@ -5,7 +5,7 @@ Three ways to get its weights (``config.model.init``):
 * ``'pretrained'``: a local or ``gs://`` timm ``model.safetensors`` /
   ``pytorch_model.bin`` or AugReg ``.npz`` file (``config.model.checkpoint``);
   without one, the Hugging Face Hub repository ``config.model.weights`` names
-  (`slora_jax.models.hub`: its cache, ``HF_HOME``, ``HF_HUB_OFFLINE``,
+  (`slora_jax.runner.hub`: its cache, ``HF_HOME``, ``HF_HUB_OFFLINE``,
   ``HF_ENDPOINT``).
 * ``'random'``: a randomly initialised ViT (shows what adapters do without a
   representation worth adapting; useful as a control).
@@ -113,7 +113,8 @@ def _from_hub(m: config_lib.ModelSettings, cfg: vit_lib.ViTConfig):
   hub_file = hub.fetch(m.weights)
   params = load_weights(hub_file.path, cfg)
   if jax.process_count() > 1:
-    ours = np.frombuffer(bytes.fromhex(hub_file.sha256), np.uint8)
+    ours = np.frombuffer(bytes.fromhex(hub_file.sha256), np.uint8).astype(
+        np.int32)
     theirs = np.asarray(multihost_utils.broadcast_one_to_all(ours))
     if not np.array_equal(ours, theirs):
       raise hub.HubError(
