@@ -9,13 +9,15 @@ the environment as a user's run does.
 import hashlib
 import json
 import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
 import pytest
 import safetensors.numpy
 
-from cli_util import SEED_DIR, cli_env, error_line, run_cli, tail
+from cli_util import ROOT, SEED_DIR, cli_env, error_line, run_cli, tail
 from fake_hub import FakeHub, hub_env
 from slora_jax.models import convert
 from slora_jax.models import vit as vit_lib
@@ -181,3 +183,18 @@ def test_run_by_name_records_the_hub_file(env, weights, tmp_path):
                          "(HF_HUB_OFFLINE set, or no connection to "
                          "HF_ENDPOINT) and its weights are not in the cache "
                          f"{tmp_path / 'empty' / 'hub'}; connect once")
+
+
+def test_hf_hub_offline_reads_the_cache_without_a_request(weights, tmp_path):
+  _, path, _ = weights
+  code = ("from slora_jax.runner import hub; f = hub.fetch(%r); "
+          "print(f.commit, f.filename)" % REPO)
+  with FakeHub({REPO: {"model.safetensors": path}}) as fake:
+    env = hub_env(fake, tmp_path / "hf", dict(os.environ, PYTHONPATH=ROOT))
+    runs = [subprocess.run([sys.executable, "-c", code], env=e, cwd=ROOT,
+                           capture_output=True, text=True, timeout=120)
+            for e in (env, dict(env, HF_HUB_OFFLINE="1"))]
+    assert len(fake.log) == 2                   # the first run's HEAD and GET
+  for r in runs:
+    assert r.returncode == 0, tail(r)
+    assert r.stdout.split() == [FakeHub.commit(REPO), "model.safetensors"]
