@@ -21,6 +21,7 @@ import pytest
 from PIL import Image
 
 from cli_util import cli_env, error_line, run_cli, snapshot, tail
+from fake_hub import FakeHub, hub_env
 from slora_jax.runner import checkpoint as ckpt_lib
 from slora_jax.runner import experiment_data
 from slora_jax.runner import config as config_lib
@@ -346,6 +347,74 @@ def test_pretrained_weights_of_another_shape(env, old_run, tmp_path):
   assert line.endswith("use weights made for this architecture, or set the "
                        "model config (name, patch_size, width, depth, "
                        "num_heads, mlp_dim) to the checkpoint's")
+  assert snapshot(workdir) == before
+
+
+def _weights_flags(path):
+  return ("--config.model.init=pretrained", f"--config.model.checkpoint={path}")
+
+
+def test_truncated_safetensors_names_the_file(env, old_run, tmp_path):
+  workdir, before = old_run
+  cfg = config_lib.from_config(tiny_config.get_config()).model.vit_config()
+  weights = tmp_path / "model.safetensors"
+  convert.save_timm_safetensors(
+      jax.device_get(vit_lib.init_params(cfg, jax.random.key(0))), weights, cfg)
+  weights.write_bytes(weights.read_bytes()[:3000])
+  line = error_line(run_cli(env, workdir, *_weights_flags(weights)))
+  assert line.startswith(f"error: {weights}: not a readable .safetensors "
+                         "file (")
+  assert line.endswith("); it may be truncated or corrupt: download it again")
+  assert snapshot(workdir) == before
+
+
+def test_garbage_npz_is_not_taken_for_a_pickle(env, old_run, tmp_path):
+  workdir, before = old_run
+  weights = tmp_path / "ViT-B_16.npz"
+  weights.write_bytes(b"<html>404 Not Found</html>\n" * 20)
+  line = error_line(run_cli(env, workdir, *_weights_flags(weights)))
+  assert line == (f"error: {weights}: not a readable .npz file (no zip "
+                  "header: not an .npz archive); it may be truncated or "
+                  "corrupt: download it again")
+  assert snapshot(workdir) == before
+
+
+class _MakesADirectory:
+  """Unpickling this runs os.mkdir: what a weights file must never do."""
+
+  def __init__(self, path):
+    self.path = str(path)
+
+  def __reduce__(self):
+    return os.mkdir, (self.path,)
+
+
+def test_bin_weights_that_would_run_code_are_refused(env, old_run, tmp_path):
+  torch = pytest.importorskip("torch")
+  workdir, before = old_run
+  weights, marker = tmp_path / "pytorch_model.bin", tmp_path / "ran"
+  torch.save({"cls_token": torch.zeros(1, 1, 16),
+              "x": _MakesADirectory(marker)}, weights)
+  line = error_line(run_cli(env, workdir, *_weights_flags(weights)))
+  assert line == (f"error: refusing to load {weights}: torch's weights-only "
+                  "unpickler rejected it (Trying to load unsupported GLOBAL "
+                  "posix.mkdir whose module posix is blocked.); a weights "
+                  "file holds only tensors, and this one may run code when "
+                  "unpickled")
+  assert not marker.exists()
+  assert snapshot(workdir) == before
+
+
+def test_unknown_hub_repository(env, old_run, tmp_path):
+  workdir, before = old_run
+  with FakeHub({}) as fake:
+    line = error_line(run_cli(
+        hub_env(fake, tmp_path / "hf", env), workdir,
+        "--config.model.init=pretrained", "--config.model.weights=timm/nope"))
+  assert line == ("error: the Hugging Face Hub has no repository 'timm/nope' "
+                  "(or it is private or gated: set HF_TOKEN); set "
+                  "model.weights to an existing 'owner/name', or pass a local "
+                  "file in model.checkpoint")
   assert snapshot(workdir) == before
 
 

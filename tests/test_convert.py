@@ -288,3 +288,27 @@ def test_save_rejects_params_of_another_config(tmp_path):
   with pytest.raises(convert.CheckpointMismatchError, match="qkv"):
     convert.save_timm_safetensors(random_params(SPLIT),
                                   tmp_path / "x.safetensors", TINY)
+
+
+def test_unreadable_files_are_one_line_naming_the_file(tmp_path):
+  good = tmp_path / "good.safetensors"
+  convert.save_timm_safetensors(random_params(TINY), good, TINY)
+  cut = tmp_path / "cut.safetensors"
+  cut.write_bytes(good.read_bytes()[:-100])      # the tensors' tail is gone
+  with pytest.raises(convert.UnreadableCheckpointError) as e:
+    convert.load_pretrained(cut, TINY)
+  assert str(e.value).startswith(f"{cut}: not a readable .safetensors file (")
+  zipped = tmp_path / "cut.npz"
+  convert.save_big_vision_npz(random_params(TINY), zipped, TINY)
+  zipped.write_bytes(zipped.read_bytes()[:200])  # the zip directory is gone
+  with pytest.raises(convert.UnreadableCheckpointError) as e:
+    convert.load_pretrained(zipped, TINY)
+  assert str(e.value).startswith(f"{zipped}: not a readable .npz file ("
+                                 "BadZipFile: ")
+  assert "allow_pickle" not in str(e.value)
+  # The library reads no pickles; the runner reads .bin files with torch.
+  with pytest.raises(convert.UnreadableCheckpointError,
+                     match=re.escape(f"{tmp_path / 'w.bin'}: a PyTorch .bin "
+                                     "pickle; slora_jax.models reads no "
+                                     "pickles")):
+    convert.load_pretrained(tmp_path / "w.bin", TINY)

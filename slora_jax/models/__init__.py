@@ -2,9 +2,11 @@
 
 from slora_jax.models.convert import (
     CheckpointMismatchError,
+    UnreadableCheckpointError,
     load_big_vision_npz,
     load_pretrained,
     load_timm_safetensors,
+    from_timm_state_dict,
     save_big_vision_npz,
     save_timm_safetensors,
     to_fused_qkv,
@@ -22,9 +24,10 @@ from slora_jax.models.vit import (
 )
 
 __all__ = [
-    "CheckpointMismatchError", "ViTConfig", "VisionTransformer",
-    "abstract_params", "count_params", "init_params", "load_big_vision_npz",
-    "load_pretrained", "load_timm_safetensors", "save_big_vision_npz",
+    "CheckpointMismatchError", "UnreadableCheckpointError", "ViTConfig",
+    "VisionTransformer", "abstract_params", "count_params", "init_params",
+    "load_big_vision_npz", "load_pretrained", "load_timm_safetensors",
+    "from_timm_state_dict", "save_big_vision_npz",
     "save_timm_safetensors", "to_fused_qkv", "to_split_qkv", "vit_b16",
     "vit_s16", "vit_ti16",
 ]

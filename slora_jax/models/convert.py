@@ -3,7 +3,9 @@
 Two on-disk layouts are supported:
 
 * timm ``model.safetensors`` (PyTorch ``state_dict`` names and layouts), e.g.
-  ``timm/vit_base_patch16_224.augreg2_in21k_ft_in1k``, the SD-LoRA backbone.
+  ``timm/vit_base_patch16_224.augreg2_in21k_ft_in1k``, the SD-LoRA backbone;
+  its ``pytorch_model.bin`` (the same ``state_dict``, pickled) is read by the
+  runner with torch and converted here by `from_timm_state_dict`.
 * The AugReg ``.npz`` layout of google-research/vision_transformer
   (``Transformer/encoderblock_{i}/MultiHeadDotProductAttention_1/...``).
 
@@ -12,7 +14,9 @@ fused-qkv parameter tree, that names the checkpoint key(s), their expected
 shapes and the reshape in each direction. Loading is strict: a missing key, an
 unconsumed key or a wrong shape raises `CheckpointMismatchError`; only the
 classifier (``head``, ``pre_logits``) is skipped, because SD-LoRA trains its
-own head on the final-norm class token.
+own head on the final-norm class token. A file that cannot be read at all
+(truncated, corrupt, another format) raises `UnreadableCheckpointError`, one
+line naming the file.
 """
 
 from __future__ import annotations
@@ -23,17 +27,20 @@ import logging
 import math
 import os
 import pathlib
+import zipfile
 from typing import Any, Callable
 
 import jax
 import numpy as np
+import safetensors
 import safetensors.numpy
 
 from slora_jax.models import vit as vit_lib
 
 __all__ = [
-    "CheckpointMismatchError", "load_pretrained", "load_timm_safetensors",
-    "save_timm_safetensors", "load_big_vision_npz", "save_big_vision_npz",
+    "CheckpointMismatchError", "UnreadableCheckpointError", "load_pretrained",
+    "load_timm_safetensors", "from_timm_state_dict", "save_timm_safetensors",
+    "load_big_vision_npz", "save_big_vision_npz",
     "to_split_qkv", "to_fused_qkv",
 ]
 
@@ -48,6 +55,17 @@ _MAX_REPORTED = 5
 
 class CheckpointMismatchError(ValueError):
   """A checkpoint's keys or shapes do not fit the model configuration."""
+
+
+class UnreadableCheckpointError(ValueError):
+  """A weights file cannot be read: truncated, corrupt, or another format."""
+
+
+def _unreadable(path, kind: str, why: str) -> UnreadableCheckpointError:
+  why = " ".join(str(why).split()) or "unknown reason"
+  return UnreadableCheckpointError(
+      f"{path}: not a readable {kind} file ({why}); it may be truncated or "
+      "corrupt: download it again")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -410,8 +428,28 @@ def load_timm_safetensors(path: PathLike, config: vit_lib.ViTConfig) -> dict:
     CheckpointMismatchError: missing, unexpected or wrongly shaped keys.
   """
   path = _existing_file(path)
-  flat = (safetensors.numpy.load_file(path) if isinstance(path, pathlib.Path)
-          else safetensors.numpy.load(path.read_bytes()))
+  try:
+    flat = (safetensors.numpy.load_file(path) if isinstance(path, pathlib.Path)
+            else safetensors.numpy.load(path.read_bytes()))
+  except safetensors.SafetensorError as e:
+    raise _unreadable(path, ".safetensors", e) from e
+  return _from_timm(flat, path, config)
+
+
+def from_timm_state_dict(flat: dict[str, np.ndarray], config: vit_lib.ViTConfig,
+                         source: str = "state_dict") -> dict:
+  """Converts a timm ViT ``state_dict`` (names -> numpy arrays) strictly.
+
+  For weights read by other means, e.g. the runner's ``pytorch_model.bin``
+  reader (torch); ``source`` names them in errors.
+
+  Raises:
+    CheckpointMismatchError: missing, unexpected or wrongly shaped keys.
+  """
+  return _from_timm(flat, source, config)
+
+
+def _from_timm(flat: dict[str, np.ndarray], path, config) -> dict:
   norms = sorted(k for k in flat if k.startswith("fc_norm."))
   if norms:
     raise CheckpointMismatchError(
@@ -457,9 +495,15 @@ def load_big_vision_npz(path: PathLike, config: vit_lib.ViTConfig) -> dict:
     CheckpointMismatchError: missing, unexpected or wrongly shaped keys.
   """
   path = _existing_file(path)
-  with np.load(path if isinstance(path, pathlib.Path)
-               else io.BytesIO(path.read_bytes()), allow_pickle=False) as npz:
-    flat = {k: npz[k] for k in npz.files}
+  data = io.BytesIO(path.read_bytes())
+  if data.getvalue()[:4] != b"PK\x03\x04":
+    # np.load would take it for a pickle and suggest allow_pickle: never.
+    raise _unreadable(path, ".npz", "no zip header: not an .npz archive")
+  try:
+    with np.load(data, allow_pickle=False) as npz:
+      flat = {k: npz[k] for k in npz.files}
+  except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+    raise _unreadable(path, ".npz", f"{type(e).__name__}: {e}") from e
   return _from_checkpoint(flat, _big_vision_rules(config), config, str(path),
                           _BIG_VISION_IGNORED)
 
@@ -493,7 +537,7 @@ def load_pretrained(path: PathLike, config: vit_lib.ViTConfig) -> dict:
     The parameter tree as float32 host numpy arrays.
 
   Raises:
-    ValueError: an unknown suffix.
+    UnreadableCheckpointError: an unknown suffix, or a file that cannot be read.
     FileNotFoundError: no file at ``path``.
     CheckpointMismatchError: the checkpoint does not fit ``config``.
   """
@@ -502,5 +546,12 @@ def load_pretrained(path: PathLike, config: vit_lib.ViTConfig) -> dict:
     return load_timm_safetensors(path, config)
   if suffix == ".npz":
     return load_big_vision_npz(path, config)
-  raise ValueError(f"{path}: unknown checkpoint format {suffix!r}; expected "
-                   "'.safetensors' (timm) or '.npz' (AugReg ViT)")
+  if suffix == ".bin":
+    # A pickle: this torch-free module reads none.
+    raise UnreadableCheckpointError(
+        f"{path}: a PyTorch .bin pickle; slora_jax.models reads no pickles: "
+        "use the weights' model.safetensors, or the runner, which reads .bin "
+        "files with torch's weights-only unpickler")
+  raise UnreadableCheckpointError(
+      f"{path}: unknown checkpoint format {suffix!r}; expected '.safetensors' "
+      "(timm) or '.npz' (AugReg ViT)")

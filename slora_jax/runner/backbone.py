@@ -2,8 +2,11 @@
 
 Three ways to get its weights (``config.model.init``):
 
-* ``'pretrained'``: a local timm ``model.safetensors`` or AugReg ``.npz`` file
-  (``config.model.checkpoint``); nothing is ever downloaded.
+* ``'pretrained'``: a local or ``gs://`` timm ``model.safetensors`` /
+  ``pytorch_model.bin`` or AugReg ``.npz`` file (``config.model.checkpoint``);
+  without one, the Hugging Face Hub repository ``config.model.weights`` names
+  (`slora_jax.runner.hub`: its cache, ``HF_HOME``, ``HF_HUB_OFFLINE``,
+  ``HF_ENDPOINT``).
 * ``'random'``: a randomly initialised ViT (shows what adapters do without a
   representation worth adapting; useful as a control).
 * ``'synthetic_pretrain'``: a small ViT pre-trained for a few minutes and
@@ -26,16 +29,19 @@ import os
 import time
 
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 
 from slora_jax.runner import config as config_lib
+from slora_jax.runner import hub
 from slora_jax.runner import paths
 from slora_jax.runner import pretrain
+from slora_jax.runner import reference_import
 from slora_jax.runner import results as results_lib
 from slora_jax.models import convert
 from slora_jax.models import vit as vit_lib
 
-__all__ = ["build", "synthetic_pretrain", "default_cache_dir"]
+__all__ = ["build", "load_weights", "synthetic_pretrain", "default_cache_dir"]
 
 
 def default_cache_dir() -> str:
@@ -53,16 +59,16 @@ def build(m: config_lib.ModelSettings, data: config_lib.DataSettings):
   cfg = m.vit_config()
   model = vit_lib.VisionTransformer(cfg)
   if m.init == "pretrained":
-    if not m.checkpoint:
-      raise FileNotFoundError(
-          f"config.model.checkpoint is empty: download the weights "
-          f"{m.weights!r} yourself (e.g. timm's model.safetensors) "
-          f"and pass --config.model.checkpoint=/path/to/file")
     t0 = time.perf_counter()
-    params = convert.load_pretrained(m.checkpoint, cfg)
-    logging.info("loaded %s in %.1f s", m.checkpoint, time.perf_counter() - t0)
-    info = {"name": m.weights, "checkpoint_path": paths.absolute(m.checkpoint),
-            "sha256": results_lib.sha256_file(m.checkpoint), "init": m.init}
+    if m.checkpoint:                  # a local or gs:// file wins over the Hub
+      params = load_weights(m.checkpoint, cfg)
+      info = {"name": m.weights,
+              "checkpoint_path": paths.absolute(m.checkpoint),
+              "sha256": results_lib.sha256_file(m.checkpoint), "init": m.init}
+    else:
+      params, info = _from_hub(m, cfg)
+    logging.info("loaded %s in %.1f s", info["checkpoint_path"],
+                 time.perf_counter() - t0)
   elif m.init == "random":
     params = jax.device_get(vit_lib.init_params(cfg, jax.random.key(m.seed)))
     info = {"name": f"random {m.name}", "checkpoint_path": None, "sha256": None,
@@ -77,6 +83,48 @@ def build(m: config_lib.ModelSettings, data: config_lib.DataSettings):
     raise ValueError(f"unknown model.init {m.init!r}; choose 'pretrained', "
                      "'random' or 'synthetic_pretrain'")
   return cfg, model, params, info
+
+
+def load_weights(path: str, cfg: vit_lib.ViTConfig):
+  """Float32 host params from a local or gs:// weights file: timm
+  ``.safetensors`` or ``.bin`` (torch's weights-only unpickler), AugReg
+  ``.npz``."""
+  if not path.lower().endswith(".bin"):
+    return convert.load_pretrained(path, cfg)
+  if not paths.isfile(path):
+    raise FileNotFoundError(f"checkpoint file not found: {path}")
+  flat = reference_import.read_state_dict(paths.read_bytes(path), path)
+  return convert.from_timm_state_dict(flat, cfg, path)
+
+
+def _from_hub(m: config_lib.ModelSettings, cfg: vit_lib.ViTConfig):
+  """The weights ``m.weights`` names on the Hub: ``(params, info)``.
+
+  Every process reads its own huggingface_hub cache (on a TPU pod each host
+  has its own disk; processes sharing one cache are serialised by its file
+  lock, so it downloads once), then all check they hold process 0's file.
+  """
+  if not m.weights:
+    raise FileNotFoundError(
+        "config.model.checkpoint and config.model.weights are both empty: "
+        "name the weights' Hugging Face Hub repository "
+        "(--config.model.weights=timm/vit_base_patch16_224.augreg2_in21k_"
+        "ft_in1k) or pass --config.model.checkpoint=/path/to/file")
+  hub_file = hub.fetch(m.weights)
+  params = load_weights(hub_file.path, cfg)
+  if jax.process_count() > 1:
+    ours = np.frombuffer(bytes.fromhex(hub_file.sha256), np.uint8).astype(
+        np.int32)
+    theirs = np.asarray(multihost_utils.broadcast_one_to_all(ours))
+    if not np.array_equal(ours, theirs):
+      raise hub.HubError(
+          f"process {jax.process_index()} read another file of "
+          f"{hub_file.repo}@{hub_file.revision} (commit {hub_file.commit}) "
+          "than process 0: the hosts' caches differ; pin one commit with "
+          f"--config.model.weights={hub_file.repo}@<commit hash>")
+  info = {"name": m.weights, "checkpoint_path": hub_file.path,
+          "sha256": hub_file.sha256, "init": m.init, "hub": hub_file.record()}
+  return params, info
 
 
 _PRETRAIN_TASKS = ("rotation", "patterns")

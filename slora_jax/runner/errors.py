@@ -5,6 +5,8 @@ from slora_jax.runner.config import ConfigError
 from slora_jax.runner.checkpoint import WorkdirError
 from slora_jax.runner.data.sources import DataError
 from slora_jax.models.convert import CheckpointMismatchError
+from slora_jax.models.convert import UnreadableCheckpointError
+from slora_jax.runner.hub import HubError
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -12,7 +14,9 @@ class NonFiniteLossError(FloatingPointError):
 
 
 USER_ERRORS = (ConfigError, DataError, ConfigMismatchError, CheckpointMismatchError,
-               NonFiniteLossError, WorkdirError, FileNotFoundError)
+               UnreadableCheckpointError, HubError, NonFiniteLossError,
+               WorkdirError, FileNotFoundError)
 
 __all__ = ["ConfigError", "ConfigMismatchError", "DataError", "CheckpointMismatchError",
-           "NonFiniteLossError", "WorkdirError", "USER_ERRORS"]
+           "UnreadableCheckpointError", "HubError", "NonFiniteLossError",
+           "WorkdirError", "USER_ERRORS"]

@@ -29,6 +29,7 @@ tensor globals torch allows by default, and nothing else.
 from __future__ import annotations
 
 import dataclasses
+import io
 import logging
 import math
 import pathlib
@@ -47,12 +48,13 @@ from slora_jax import adapters as adapters_lib
 from slora_jax import policy as policy_lib
 from slora_jax import serialization
 from slora_jax import targets as targets_lib
+from slora_jax.models import convert
 from slora_jax.models import vit as vit_lib
 
 __all__ = [
     "ReferenceImportError", "ReferenceRun", "find_tasks", "read_reference_run",
     "build_state", "save_imported", "load_imported", "target_names",
-    "magnitudes_from_string", "check_out_dir", "FORMAT",
+    "magnitudes_from_string", "check_out_dir", "read_state_dict", "FORMAT",
 ]
 
 FORMAT = "slora_jax.reference_import/1"
@@ -196,6 +198,54 @@ def _safe_load(path: pathlib.Path):
   except Exception as e:  # pylint: disable=broad-except
     raise ReferenceImportError(
         f"cannot read {path}: {type(e).__name__}: {_first_line(e)}") from e
+
+
+def read_state_dict(data: bytes, name: str) -> dict[str, np.ndarray]:
+  """A ``torch.save``'d ``state_dict`` (timm's ``pytorch_model.bin``) as arrays.
+
+  Unpickled like the reference's files, by torch's weights-only unpickler,
+  here with nothing beyond its default allow-list (tensors and plain
+  containers). ``name`` (the file) is for the one-line messages.
+
+  Raises:
+    convert.UnreadableCheckpointError: torch is missing, the data is not a
+      ``torch.save`` archive of tensors, or it names a global off the list.
+  """
+  unreadable = convert.UnreadableCheckpointError
+  try:
+    import torch  # pylint: disable=import-outside-toplevel
+  except ImportError as e:
+    raise unreadable(
+        f"{name}: reading a PyTorch .bin file needs torch, which is not "
+        "installed: pip install torch (a CPU build is enough), or use the "
+        "weights' model.safetensors") from e
+  buf = io.BytesIO(data)
+  # torch.save has written zip archives since torch 1.6.
+  why = None if zipfile.is_zipfile(buf) else "not a zip archive"
+  if why is None:
+    buf.seek(0)
+    try:
+      with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        state = torch.load(buf, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+      lines = [l.strip() for l in str(e).splitlines() if "GLOBAL" in l]
+      raise unreadable(
+          f"refusing to load {name}: torch's weights-only unpickler rejected "
+          f"it ({lines[0] if lines else _weights_only_reason(e)}); a weights "
+          "file holds only tensors, and this one may run code when "
+          "unpickled") from e
+    except Exception as e:  # pylint: disable=broad-except
+      why = f"{type(e).__name__}: {_first_line(e)}"
+  if why:
+    raise unreadable(f"{name}: not a readable torch.save archive ({why}); it "
+                     "may be truncated or corrupt: download it again")
+  if not (isinstance(state, dict)
+          and all(isinstance(v, torch.Tensor) for v in state.values())):
+    raise unreadable(f"{name} holds a {type(state).__name__}, not a "
+                     "state_dict (names -> tensors) as timm's "
+                     "pytorch_model.bin does")
+  return {k: _numpy(v) for k, v in state.items()}
 
 
 def _first_line(e: BaseException) -> str:

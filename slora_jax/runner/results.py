@@ -27,7 +27,8 @@ JSON has no NaN/Infinity: undefined numbers are ``null``.
                      eval_time_s, ...}]
   versions         ``collect_versions()``: slora_jax, jax, jaxlib, flax, optax,
                    orbax, numpy, python (null where not installed)
-  backbone         {name, checkpoint_path, sha256 (or null)}
+  backbone         {name, checkpoint_path, sha256 (or null), init; hub:
+                    {repo, revision, commit, filename} for weights by name}
   data_manifest    optional, what the run read: per-class counts and a
                    sha256 of the file list (``slora_jax.runner.data.manifest``)
 
