@@ -49,8 +49,13 @@ def _assert_same(a, b):
   jax.tree.map(np.testing.assert_array_equal, a, b)   # float32 both ways
 
 
-def test_download_then_cache_then_offline(weights, tmp_path):
+def test_download_then_cache_then_offline(weights, tmp_path, monkeypatch):
   params, path, data = weights
+  # huggingface_hub 0.x retries an unreachable server 5 times with
+  # exponential back-off (about 23 s) before it falls back to the cache: the
+  # waits prove nothing here.
+  from huggingface_hub.utils import _http
+  monkeypatch.setattr(_http.time, "sleep", lambda s: None)
   cache = str(tmp_path / "hf")
   with FakeHub({REPO: {"model.safetensors": path}}) as fake:
     got, f = _load(cache_dir=cache, endpoint=fake.url)
@@ -65,8 +70,7 @@ def test_download_then_cache_then_offline(weights, tmp_path):
                        endpoint=fake.url)
     assert (pinned.commit, pinned.path) == (f.commit, f.path)
   # The server is down: the cache still answers.
-  got, again = _load(cache_dir=cache,
-                                   endpoint=fake.url)
+  got, again = _load(cache_dir=cache, endpoint=fake.url)
   assert again == f
   _assert_same(got, params)
 
