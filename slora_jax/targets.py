@@ -193,14 +193,14 @@ def _cut(name: str, shape: tuple[int, ...], rule: Rule) -> list[Target] | str:
   if rule.parts == 1:
     return [probe]
   width = probe.d_out_total
-  if width % rule.parts:
-    return (f"{name} has {width} output features, which do not split into "
-            f"{rule.parts} equal parts")
   if probe.d_in == rule.parts * width:
     other = "out_in" if rule.layout == "in_out" else "in_out"
     return (f"{name} has shape {shape}: its input axis is {rule.parts} times "
             f"its output axis, so the fused axis looks like the input; a "
             f"kernel stored that way needs layout={other!r}")
+  if width % rule.parts:
+    return (f"{name} has {width} output features, which do not split into "
+            f"{rule.parts} equal parts")
   step = width // rule.parts
   bad = [i for i, _ in rule.take if not 0 <= i < rule.parts]
   if bad:
@@ -216,17 +216,18 @@ def _shape_problems(rule: Rule, kinds: dict[str, list], leaves) -> list[str]:
   for kind, hits in kinds.items():
     one = len(hits) == 1
     count = "1 leaf" if one else f"{len(hits):,} leaves"
-    if kind == "no output axis":
-      what = (f"{count} with no output axis after {rule.in_dims} input "
-              f"axis/axes, so no 2-D kernel")
-    else:
-      what = f"{count} that {'is' if one else 'are'} {kind}, no linear map"
-    more = f" and {len(hits) - 3:,} more" if len(hits) > 3 else ""
-    shown = ", ".join(f"{n} {s}" for n, s in hits[:3])
     name, shape = hits[0]
-    out.append(f"{_describe(rule)} matches {what} ({shown}{more}; "
-               f"{name} has shape {shape}: {kind}); {_ADVICE[kind]}; "
-               f"nearest kernels: {nearest_paths(rule.pattern, leaves)}")
+    others = ", ".join(f"{n} {s}" for n, s in hits[1:3])
+    others += f" and {len(hits) - 3:,} more" if len(hits) > 3 else ""
+    if kind == "no output axis":
+      what = (f"{count} with no output axis ({name} has shape {shape}: no "
+              f"output axis after {rule.in_dims} input axis/axes, so it is no "
+              f"2-D kernel{'; also ' + others if others else ''})")
+    else:
+      what = (f"{count} that {'is' if one else 'are'} {kind}, no linear map "
+              f"({name} {shape}{', ' + others if others else ''})")
+    out.append(f"{_describe(rule)} matches {what}; {_ADVICE[kind]}; nearest "
+               f"kernels: {nearest_paths(rule.pattern, leaves)}")
   return out
 
 
