@@ -9,6 +9,9 @@ compilation per form for the whole schedule, merge and save/load.
 
 from __future__ import annotations
 
+import os
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,6 +21,7 @@ from transformers import BertConfig, FlaxBertModel, FlaxGPT2Model, GPT2Config
 
 import slora_jax as sl
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EPS = np.finfo(np.float32).eps
 RANKS = (4, 2, 2)                       # an SD-LoRA-RR schedule: 4 → 2 → 2
 BATCH, LENGTH, WIDTH = 2, 8, 32
@@ -210,3 +214,10 @@ def test_nnx_evaluate_then_continue_leaves_the_backbone_alone():
   nnx.update(model, sl.merge(params, ad))
   assert any(np.any(np.asarray(a) != b) for a, b in
              zip(jax.tree.leaves(params), jax.tree.leaves(before)))
+
+
+def test_the_manuals_gpt2_example_runs():
+  text = open(os.path.join(ROOT, "docs", "library.md"), encoding="utf-8").read()
+  section = text.split("\n## Models we did not write: Hugging Face GPT-2")[1]
+  code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+  exec(code, {})  # pylint: disable=exec-used
