@@ -80,7 +80,9 @@ class Rule:
     in_dims: number of input axes of the matched kernels.
     parts: for fused kernels, the number of equal output blocks (3 for qkv).
     take: indices of the blocks to adapt, with names, e.g. ((0, 'q'), (2, 'v')).
-    layout: ``'in_out'`` (Flax: inputs first) or ``'out_in'`` (outputs first).
+    layout: ``'in_out'`` (Flax: inputs first) or ``'out_in'`` (outputs
+      first); None is ``'in_out'`` unless a fused kernel's shape makes it
+      ambiguous (then it must be said).
     any_shape: also adapt leaves that are no linear map of a layer's input
       (convolution kernels of 4+ axes, embedding tables) as the matrix their
       axes reshape to; off by default.
@@ -89,11 +91,11 @@ class Rule:
   in_dims: int = 1
   parts: int = 1
   take: tuple[tuple[int, str], ...] = ()
-  layout: str = "in_out"
+  layout: str | None = None
   any_shape: bool = False
 
   def __post_init__(self):
-    if self.layout not in _LAYOUTS:
+    if self.layout not in _LAYOUTS + (None,):
       raise ValueError(f"layout must be one of {_LAYOUTS}, got {self.layout!r}")
     if self.in_dims < 1:
       raise ValueError(f"in_dims must be at least 1, got {self.in_dims}")
@@ -102,14 +104,14 @@ class Rule:
 _LAYOUTS = ("in_out", "out_in")
 
 
-def kernel(pattern: str, in_dims: int = 1, *, layout: str = "in_out",
+def kernel(pattern: str, in_dims: int = 1, *, layout: str | None = None,
            any_shape: bool = False) -> Rule:
   """Adapts every whole kernel whose path matches ``pattern``.
 
   ``pattern`` is a regular expression matched against the *whole* path
   (``re.fullmatch``): ``attention/self/query/kernel`` matches no BERT kernel,
   ``.*attention/self/query/kernel`` matches every layer's. With
-  ``layout='in_out'`` (Flax's) the first ``in_dims`` axes are inputs and the
+  ``layout='in_out'`` (Flax's; the default) the first ``in_dims`` axes are inputs and the
   rest outputs; ``'out_in'`` is a kernel stored outputs first, ``(out, in)``
   (Hugging Face GPT-2's ``Conv1D``, PyTorch's ``Linear``). ``any_shape``
   opts in to leaves that are no layer's linear map (conv kernels with 4+
@@ -121,14 +123,14 @@ def kernel(pattern: str, in_dims: int = 1, *, layout: str = "in_out",
 
 def fused_slices(pattern: str, parts: int = 3,
                  take: Sequence[tuple[int, str]] = ((0, "q"), (2, "v")),
-                 in_dims: int = 1, *, layout: str = "in_out") -> Rule:
+                 in_dims: int = 1, *, layout: str | None = None) -> Rule:
   """Adapts blocks of fused kernels' output axis (default: q and v of qkv).
 
   ``pattern`` must match the whole path (``re.fullmatch``); ``layout`` says
   which axes are outputs, as in `kernel`: GPT-2's ``c_attn`` ``(3d, d)``
   needs ``layout='out_in'``. A kernel whose input axis is ``parts`` times
-  its output axis is refused: it looks like a fused kernel read the wrong
-  way round.
+  its output axis is ambiguous (GPT-2's ``c_attn`` read as Flax's layout
+  looks so): it is refused unless ``layout`` is given.
   """
   return Rule(pattern=pattern, in_dims=in_dims, parts=parts, take=tuple(take),
               layout=layout)
@@ -156,7 +158,7 @@ def _natural_key(s: str):
 
 def _describe(rule: Rule) -> str:
   extra = f", in_dims={rule.in_dims}" if rule.in_dims != 1 else ""
-  extra += f", layout={rule.layout!r}" if rule.layout != "in_out" else ""
+  extra += f", layout={rule.layout!r}" if rule.layout else ""
   if rule.parts == 1:
     return f"kernel({rule.pattern!r}{extra})"
   return (f"fused_slices({rule.pattern!r}, parts={rule.parts}, "
@@ -189,15 +191,16 @@ _ADVICE = {
 
 def _cut(name: str, shape: tuple[int, ...], rule: Rule) -> list[Target] | str:
   """The targets ``rule`` makes of leaf ``name``, or why it cannot."""
-  probe = Target(name, name, shape, rule.in_dims, layout=rule.layout)
+  layout = rule.layout or "in_out"
+  probe = Target(name, name, shape, rule.in_dims, layout=layout)
   if rule.parts == 1:
     return [probe]
   width = probe.d_out_total
-  if probe.d_in == rule.parts * width:
-    other = "out_in" if rule.layout == "in_out" else "in_out"
+  if rule.layout is None and probe.d_in == rule.parts * width:
     return (f"{name} has shape {shape}: its input axis is {rule.parts} times "
-            f"its output axis, so the fused axis looks like the input; a "
-            f"kernel stored that way needs layout={other!r}")
+            f"its output axis, so the fused axis may be the input (a kernel "
+            f"stored (out, in), like GPT-2's c_attn, needs layout='out_in'); "
+            f"say layout='in_out' if it is stored (in, out)")
   if width % rule.parts:
     return (f"{name} has {width} output features, which do not split into "
             f"{rule.parts} equal parts")
@@ -206,7 +209,7 @@ def _cut(name: str, shape: tuple[int, ...], rule: Rule) -> list[Target] | str:
   if bad:
     return f"take indices {bad} are outside the {rule.parts} parts"
   return [Target(f"{name}[{part}]", name, shape, rule.in_dims,
-                 (idx * step, (idx + 1) * step), rule.layout)
+                 (idx * step, (idx + 1) * step), layout)
           for idx, part in rule.take]
 
 

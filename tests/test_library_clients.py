@@ -182,8 +182,9 @@ def test_gpt2_fused_qkv_stored_out_in_against_a_hand_written_merge():
 
 def test_gpt2_without_its_layout_is_an_error():
   params, apply_fn, _, _ = gpt2()
-  with pytest.raises(ValueError, match=r"fused axis looks like the input; a "
-                     r"kernel stored that way needs layout='out_in'"):
+  with pytest.raises(ValueError, match=r"fused axis may be the input \(a "
+                     r"kernel stored \(out, in\), like GPT-2's c_attn, needs "
+                     r"layout='out_in'\)"):
     sl.init_adapters(params, [sl.fused_slices(r"h/\d+/attn/c_attn/kernel")],
                      capacity=1, max_rank=1)
   # c_proj is square: the shapes fit either way, the probe does not.
