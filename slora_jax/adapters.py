@@ -80,7 +80,8 @@ class AdapterState:
     first = self.trainable["current"][self.spec.targets[0].name]["A"]
     try:
       rows = int(np.count_nonzero(np.abs(np.asarray(first)).sum(-1)))
-    except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
+    except (jax.errors.ConcretizationTypeError,
+            jax.errors.TracerArrayConversionError, RuntimeError):  # deleted
       return first.shape[0]
     return rows or first.shape[0]
 

@@ -222,3 +222,15 @@ def test_the_manuals_gpt2_example_runs():
   section = text.split("\n## Models we did not write: Hugging Face GPT-2")[1]
   code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
   exec(code, {})  # pylint: disable=exec-used
+
+
+def test_the_manuals_nnx_example_evaluates_without_nnx_update():
+  """Example 2 evaluates after every task on a model merged anew, and calls
+  nnx.update only after its last task (it asserts `params` unchanged)."""
+  text = open(os.path.join(ROOT, "docs", "library.md"), encoding="utf-8").read()
+  code = re.search(r"```python\n(.*?)```",
+                   text.split("\n## Example 2")[1], re.S).group(1)
+  loop_end = code.index("assert all(np.array_equal")
+  assert "nnx.merge(graphdef, sl.merge(params, adapters), rest)" in code
+  assert "evaluate(adapters" in code[:loop_end]
+  assert "nnx.update(" not in code[:loop_end]
