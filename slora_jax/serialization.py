@@ -65,7 +65,8 @@ def _spec_dict(adapters: adapters_lib.AdapterState) -> dict:
   return {"targets": [dataclasses.asdict(t) for t in spec.targets],
           "capacity": spec.capacity, "max_rank": spec.max_rank,
           # The current pair's width (max_rank; older saves: the task's rank).
-          "rank": adapters.trainable["current"][spec.targets[0].name]["A"].shape[0],
+          "rank": adapters.trainable["current"][
+              spec.targets[0].name]["A"].shape[0],
           "policy": dataclasses.asdict(spec.policy)}
 
 

@@ -111,8 +111,8 @@ def kernel(pattern: str, in_dims: int = 1, *, layout: str | None = None,
   ``pattern`` is a regular expression matched against the *whole* path
   (``re.fullmatch``): ``attention/self/query/kernel`` matches no BERT kernel,
   ``.*attention/self/query/kernel`` matches every layer's. With
-  ``layout='in_out'`` (Flax's; the default) the first ``in_dims`` axes are inputs and the
-  rest outputs; ``'out_in'`` is a kernel stored outputs first, ``(out, in)``
+  ``layout='in_out'`` (Flax's; the default) the first ``in_dims`` axes are
+  inputs and the rest outputs; ``'out_in'`` is a kernel stored outputs first, ``(out, in)``
   (Hugging Face GPT-2's ``Conv1D``, PyTorch's ``Linear``). ``any_shape``
   opts in to leaves that are no layer's linear map (conv kernels with 4+
   axes, embedding tables), adapted as their reshaped matrix.

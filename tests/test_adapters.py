@@ -338,8 +338,8 @@ def test_a_smaller_rank_is_the_padded_max_rank_pair(semantics):
   def loss(tr, a):
     merged = sl.apply_adapters(params, a.replace(trainable=tr))
     w = merged["blocks_0"]["attn"]["qkv"]["kernel"]
-    return jnp.sum(jnp.sin(x @ w)) + jnp.sum(
-        jnp.sin(x @ merged["blocks_1"]["attn"]["query"]["kernel"].reshape(D, -1)))
+    query = merged["blocks_1"]["attn"]["query"]["kernel"].reshape(D, -1)
+    return jnp.sum(jnp.sin(x @ w)) + jnp.sum(jnp.sin(x @ query))
   tx = optax.adamw(0.1)
   opt = tx.init(ad.trainable)
   for _ in range(3):

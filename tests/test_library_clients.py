@@ -28,8 +28,8 @@ BATCH, LENGTH, WIDTH = 2, 8, 32
 
 
 def _tokens(seed=0):
-  return jnp.asarray(np.random.default_rng(seed).integers(0, 50, (BATCH, LENGTH)),
-                     jnp.int32)
+  rng = np.random.default_rng(seed)
+  return jnp.asarray(rng.integers(0, 50, (BATCH, LENGTH)), jnp.int32)
 
 
 def bert():
@@ -184,7 +184,8 @@ def test_gpt2_fused_qkv_stored_out_in_against_a_hand_written_merge():
         cur["A"], np.float64)
   got = np.asarray(sl.merge(params, ad)["h"]["0"]["attn"]["c_attn"]["kernel"])
   # One product of rank 2 and one float32 sum with the kernel per entry.
-  np.testing.assert_allclose(got, want, rtol=0, atol=4 * EPS * np.abs(want).max())
+  np.testing.assert_allclose(got, want, rtol=0,
+                             atol=4 * EPS * np.abs(want).max())
   np.testing.assert_array_equal(got[WIDTH:2 * WIDTH], kernel[WIDTH:2 * WIDTH])
 
 

@@ -204,7 +204,7 @@ def test_einsum_whose_kernel_is_not_one_map_is_a_clear_error():
                            ad, x)
 
 
-# --- layers whose map of the kernel is not known (issue #23) -------------------
+# --- layers whose map of the kernel is not known (issue #23) ----------------
 
 class _OwnKernel(nn.Module):
   """A hand-written layer: its kernel (``shape``) used as ``how`` says."""
@@ -242,7 +242,7 @@ def _own_layer(shape, how, layout):
 
 
 @pytest.mark.parametrize("shape,how,layout", [
-    ((D, D), "scaled", "in_out"),           # square: the shapes fit, the map not
+    ((D, D), "scaled", "in_out"),        # square: the shapes fit, the map not
     ((D, D), "transposed", "in_out"),
     ((D, D), "plain", "out_in"),
     ((2 * D, D), "transposed", "in_out"),   # (out, in) read as (in, out)
@@ -298,6 +298,7 @@ def test_nnx_linear_with_a_replaced_product_is_refused():
       return self.lin(x)
   graphdef, params = nnx.split(Net(nnx.Rngs(0)))
   ad = _trained(params, [sl.kernel("lin/kernel")], stored=0)
-  with pytest.raises(ValueError, match=r"lin/kernel: Linear .*replaced product"):
+  with pytest.raises(ValueError,
+                     match=r"lin/kernel: Linear .*replaced product"):
     sl.apply_with_adapters(lambda s, x: nnx.merge(graphdef, s)(x), params, ad,
                            jnp.ones((2, D)))

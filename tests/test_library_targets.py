@@ -99,8 +99,9 @@ def test_a_rule_matching_part_of_paths_says_rules_match_whole_paths():
           "'encoder/layer/0/attention/self/query/kernel': start it with '.*' "
           "to match those)") in msg
   assert "re.fullmatch" in sl.kernel.__doc__ and "whole" in sl.kernel.__doc__
-  ad = sl.init_adapters(BERTISH, [sl.kernel(r".*attention/self/(query|value)/kernel")],
-                        capacity=1, max_rank=1)
+  ad = sl.init_adapters(
+      BERTISH, [sl.kernel(r".*attention/self/(query|value)/kernel")],
+      capacity=1, max_rank=1)
   assert len(ad.spec.targets) == 4
 
 
