@@ -342,8 +342,9 @@ def test_a_smaller_rank_is_the_padded_max_rank_pair(semantics):
     return jnp.sum(jnp.sin(x @ w)) + jnp.sum(jnp.sin(x @ query))
   tx = optax.adamw(0.1)
   opt = tx.init(ad.trainable)
+  value_and_grad = jax.jit(jax.value_and_grad(loss))
   for _ in range(3):
-    (v, g), (vn, gn) = (jax.value_and_grad(loss)(a.trainable, a)
+    (v, g), (vn, gn) = (value_and_grad(a.trainable, a)
                         for a in (ad, _narrow(ad, 2)))
     # The same products with zero terms added, summed in another order: each
     # x·W entry (D terms) may move by D·eps·Σ|terms|, the loss by their sum;
