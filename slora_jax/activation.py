@@ -22,11 +22,16 @@ Values and gradients equal those of ``apply_fn(apply_adapters(params, a))``
 (tested). The model code stays unaware of adapters: Linen modules are hooked
 by Flax method interception (found by path), NNX's ``Linear``,
 ``LinearGeneral`` and ``Einsum`` layers by wrapping their ``__call__`` while
-``apply_fn`` runs (found by their kernel). Each target's layer must contract
-the kernel's leading ``in_dims`` axes with input axes and keep its other axes
-as outputs (``Dense``, ``DenseGeneral``/``LinearGeneral`` on any axes,
-``Einsum`` such as ``'btd,dhk->bthk'``); anything else raises a clear error
-at trace time, and the weight form (`apply_adapters`) works for any model.
+``apply_fn`` runs (found by their kernel). The tap is exact only if the
+layer's output depends on its kernel W as ``x·W`` (its input times the
+kernel's 2-D view), so that is established for each target's layer, never
+assumed from shapes alone: Linen ``Dense``/``DenseGeneral``/``Einsum`` and
+NNX ``Linear``/``LinearGeneral``/``Einsum`` with their own products are known;
+any other Linen module is *probed* at trace time (it is run on random
+kernels and inputs, and ``f(x, W1) − f(x, W0)`` must equal ``x·(W1 − W0)``
+within float rounding: a kernel used transposed, scaled or normalised fails).
+A layer that is neither raises a clear error naming the kernel; the weight
+form (`apply_adapters`) works for any model.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import inspect
 import threading
 from typing import Any, Callable
 
@@ -288,6 +294,31 @@ def _inputs(args, kwargs):
   return args[0] if args else kwargs["inputs"]
 
 
+# Attributes through which a known layer could compute something other than
+# its plain product (a quantised dot_general, a promote_dtype that scales).
+_PRODUCT_HOOKS = ("dot_general", "dot_general_cls", "promote_dtype",
+                  "einsum_op")
+
+
+def _default_of(module, name):
+  field = getattr(type(module), "__dataclass_fields__", {}).get(name)
+  if field is not None:                                   # Linen: a dataclass
+    return field.default
+  param = inspect.signature(type(module).__init__).parameters.get(name)
+  return inspect.Parameter.empty if param is None else param.default
+
+
+def _known_product(module, linen: bool) -> bool:
+  """True if ``module`` is a Flax layer whose map of its kernel we know."""
+  if linen:
+    calls = (nn.Dense.__call__, nn.DenseGeneral.__call__, nn.Einsum.__call__)
+    if getattr(type(module), "__call__", None) not in calls:
+      return False
+  return all(getattr(module, a) is _default_of(module, a)
+             or getattr(module, a) == _default_of(module, a)
+             for a in _PRODUCT_HOOKS if hasattr(module, a))
+
+
 def apply_with_adapters(apply_fn: Callable[..., Any], params: Any,
                         adapters: ad_lib.AdapterState, *args, **kwargs) -> Any:
   """``apply_fn(params, *args, **kwargs)`` with the adapters, differentiated
@@ -299,15 +330,19 @@ def apply_with_adapters(apply_fn: Callable[..., Any], params: Any,
   the parameters it is given:
 
   * Linen: ``lambda p, x: model.apply({'params': p}, x)``; the targets'
-    modules are found by path (``Dense``, ``DenseGeneral``, ``Einsum`` and
-    any module whose ``__call__`` contracts the input's trailing axes);
+    modules are found by path: ``Dense``, ``DenseGeneral`` and ``Einsum``,
+    and any other module whose output is verified, by probing it at trace
+    time, to change with its kernel as input·kernel (e.g. Hugging Face
+    GPT-2's ``Conv1D`` under ``layout='out_in'``);
   * NNX: ``lambda s, x: nnx.merge(graphdef, s)(x)``; ``nnx.Linear``,
     ``nnx.LinearGeneral`` and ``nnx.Einsum`` layers are found by their kernel
     (so ``apply_fn`` must not re-trace them, e.g. through ``nnx.jit``).
 
   Raises:
-    ValueError: at trace time, if a target's layer was never called, or its
-      contraction is not a linear map of the target's ``in_dims`` input axes.
+    ValueError: at trace time, if a target's layer was never called, or it
+      is not a known layer and its map is not verified to be input·kernel
+      (transposed, scaled, ...), or its contraction is not a linear map of
+      the target's ``in_dims`` input axes.
   """
   spec = adapters.spec
   base, tap_state = _prepare(params, adapters)
@@ -327,15 +362,27 @@ def apply_with_adapters(apply_fn: Callable[..., Any], params: Any,
 
   def linen_hook(next_fun, f_args, f_kwargs, context):
     y = next_fun(*f_args, **f_kwargs)
+    if _PROBING.get():
+      return y
     path = by_module.get("/".join(str(p) for p in context.module.path))
     if context.method_name != "__call__" or path is None:
       return y
+    t0 = by_path[path][0]
+    if not (_known_product(context.module, linen=True)
+            and t0.layout == "in_out"):
+      _probe_linen(context.module, f_args, f_kwargs, t0)
     return tap(path, context.module, f_args, f_kwargs, y)
 
   def nnx_hook(module, call_args, call_kwargs, y):
     value, path = by_kernel.get(id(_kernel_value(module)), (None, None))
     if value is None or value is not _kernel_value(module):
       return y
+    t0 = by_path[path][0]
+    if not _known_product(module, linen=False) or t0.layout != "in_out":
+      raise _unsupported(
+          path, f"{type(module).__name__} with layout={t0.layout!r} or a "
+          f"replaced product function is not a plain x·kernel, so the "
+          f"activation form cannot give its exact gradients")
     return tap(path, module, call_args, call_kwargs, y)
 
   with nn.intercept_methods(linen_hook), _nnx_interception(nnx_hook):
@@ -382,6 +429,88 @@ def _prepare(params, adapters):
 def _unsupported(path, why):
   return ValueError(f"apply_with_adapters: {path}: {why}; use the weight form "
                     f"(apply_adapters)")
+
+
+_PROBING: contextvars.ContextVar = contextvars.ContextVar(
+    "slora_jax_probing", default=False)
+
+
+def _probe_linen(module, call_args, call_kwargs, target):
+  """Raises unless ``module``'s output depends on its kernel W as x·W.
+
+  An unknown module is run twice, eagerly, on random parameters and a random
+  input of its call's shapes, with kernels W0 and W1; then
+  ``f(x, W1) − f(x, W0)`` must equal ``x·(W1 − W0)`` on the target's 2-D
+  view, within a rounding bound of the sums involved. A kernel used
+  transposed, scaled, normalised or passed through a nonlinearity fails.
+  """
+  name = target.path.rsplit("/", 1)[-1]
+  x = _inputs(call_args, call_kwargs)
+  others = [a for a in (*call_args[1:], *call_kwargs.values())
+            if isinstance(a, jax.core.Tracer)]
+  variables = module.variables
+  if others or name not in variables.get("params", {}):
+    raise _unsupported(target.path, f"{type(module).__name__} is no Flax "
+                       f"Dense/DenseGeneral/Einsum and its map could not be "
+                       f"probed (traced extra arguments or no '{name}' param)")
+  rng = np.random.default_rng(0)
+  rand = lambda a: rng.uniform(-1, 1, np.shape(a)).astype(np.float32)
+  probe = jax.tree.map(rand, dict(variables))
+  k0 = probe["params"][name]
+  k1 = rand(k0)
+  # A small batch: the map of the kernel cannot depend on the batch size.
+  xp = rand(np.empty(((min(x.shape[0], 2),) + x.shape[1:]) if x.ndim > 1
+                     else x.shape, np.int8))
+  args = (xp,) + tuple(call_args[1:]) if call_args else ()
+  kwargs = dict(call_kwargs, **({} if call_args else {"inputs": xp}))
+  clone = module.clone(parent=None)
+  token = _PROBING.set(True)
+  try:
+    with jax.ensure_compile_time_eval():
+      ys = [np.asarray(clone.apply(
+          {**probe, "params": {**probe["params"], name: k}}, *args, **kwargs),
+          np.float64) for k in (k0, k1)]
+  except Exception as e:   # pylint: disable=broad-exception-caught
+    raise _unsupported(target.path, f"{type(module).__name__} is no Flax "
+                       f"Dense/DenseGeneral/Einsum and probing its map failed "
+                       f"({type(e).__name__})") from None
+  finally:
+    _PROBING.reset(token)
+  _check_probe(target, module, xp, (k0, k1), ys)
+
+
+def _view(target, k):
+  """The kernel's (d_in, d_out_total) view."""
+  if target.layout == "in_out":
+    return k.reshape(target.d_in, target.d_out_total)
+  return k.reshape(target.d_out_total, target.d_in).T
+
+
+def _check_probe(target, module, x, kernels, ys):
+  k0, k1 = (_view(target, np.asarray(k, np.float64)) for k in kernels)
+  xs = np.asarray(x, np.float64).reshape(-1, target.d_in)
+  want = xs @ (k1 - k0)
+  got = ys[1] - ys[0]
+  lead = x.shape[:x.ndim - target.in_dims]
+  if (x.shape[len(lead):] != target.in_shape
+      or got.shape != lead + target.out_shape):
+    raise _unsupported(target.path, f"{type(module).__name__} is no Flax "
+                       f"Dense/DenseGeneral/Einsum and maps "
+                       f"{x.shape} to {got.shape}, not a linear map of "
+                       f"{target.in_dims} input axis/axes with kernel "
+                       f"{target.kernel_shape} (layout={target.layout!r})")
+  # float32 sums of d_in products, each output and both kernels' products.
+  eps = np.finfo(np.float32).eps
+  bound = (target.d_in + 2) * eps * (np.abs(xs) @ (np.abs(k0) + np.abs(k1))
+                                     + np.abs(ys[0]).reshape(want.shape)
+                                     + np.abs(ys[1]).reshape(want.shape))
+  if not np.all(np.abs(got.reshape(want.shape) - want) <= bound):
+    raise _unsupported(
+        target.path, f"{type(module).__name__} is no Flax Dense/DenseGeneral/"
+        f"Einsum and its output does not change with the kernel as "
+        f"input·kernel (layout={target.layout!r}): it uses the kernel in "
+        f"another way (transposed, scaled, ...), so the activation form "
+        f"cannot give its exact gradients")
 
 
 def _einsum_perms(eq, x_ndim, in_dims, path):
@@ -441,8 +570,8 @@ def _tap_call(tgts, module, call_args, call_kwargs, y, tap_state):
   xt = x if x_perm == sorted(x_perm) else jnp.transpose(x, x_perm)
   yt = y if y_perm == sorted(y_perm) else jnp.transpose(y, y_perm)
   lead = xt.shape[:xt.ndim - t0.in_dims]
-  if (xt.shape[len(lead):] != t0.kernel_shape[:t0.in_dims]
-      or yt.shape != lead + t0.kernel_shape[t0.in_dims:]):
+  if (xt.shape[len(lead):] != t0.in_shape
+      or yt.shape != lead + t0.out_shape):
     raise _unsupported(
         t0.path, f"the layer maps {x.shape} to {y.shape}, which is not a "
         f"linear map of {t0.in_dims} input axis/axes with kernel "

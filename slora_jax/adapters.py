@@ -10,9 +10,11 @@ every target, and the trainable current pair (A_t, B_t) whose scale c_t is 1
 (code) or 1/max(‖B_tA_t‖, floor) (paper). See `slora_jax.policy`.
 
 Earlier factors live in arrays with a leading *capacity* axis (slots), so the
-number of tasks is an array dimension: the train step compiles once per run
-(per rank for SD-LoRA-RR) and its update ΔW is one contraction over the
-stacked factors, never a loop over tasks or activations.
+number of tasks is an array dimension, and the current pair is always
+``max_rank`` wide (a smaller task rank, SD-LoRA-RR's, is zero-padded): the
+train step compiles once per run, whatever the rank schedule, and its update
+ΔW is one contraction over the stacked factors, never a loop over tasks or
+activations.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ __all__ = [
     "AdapterSpec", "AdapterState", "init_adapters", "begin_task", "end_task",
     "apply_adapters", "apply_deltas", "merge", "delta", "current_delta",
     "slot_coefficients", "current_scale", "num_stored", "stored_ranks",
+    "zero_current", "pad_current",
 ]
 
 _EPS = 1e-12
@@ -71,9 +74,16 @@ class AdapterState:
 
   @property
   def rank(self) -> int:
-    """Rank of the current direction."""
+    """Rank of the current direction: its non-zero rows of A (the pair is
+    ``max_rank`` wide, zero past the task's rank); ``max_rank`` when traced
+    or when the pair is all zero (after `end_task`)."""
     first = self.trainable["current"][self.spec.targets[0].name]["A"]
-    return first.shape[0]
+    try:
+      rows = int(np.count_nonzero(np.abs(np.asarray(first)).sum(-1)))
+    except (jax.errors.ConcretizationTypeError,
+            jax.errors.TracerArrayConversionError, RuntimeError):  # deleted
+      return first.shape[0]
+    return rows or first.shape[0]
 
 
 def init_adapters(params: Any, rules, *, capacity: int, max_rank: int,
@@ -111,16 +121,26 @@ def init_adapters(params: Any, rules, *, capacity: int, max_rank: int,
             "absorbed": jnp.zeros((capacity,), jnp.float32),
             "num_stored": jnp.zeros((), jnp.int32)}
   init = spec.policy.magnitude_init
-  trainable = {"current": _zero_current(tgts, max_rank),
+  trainable = {"current": zero_current(tgts, max_rank),
                "magnitudes": {"current": jnp.full((), init, jnp.float32),
                               "previous": jnp.full((capacity,), init,
                                                    jnp.float32)}}
   return AdapterState(trainable, frozen, spec)
 
 
-def _zero_current(tgts, rank):
+def zero_current(tgts, rank):
+  """A zero current pair of ``rank`` for targets ``tgts``."""
   return {t.name: {"A": jnp.zeros((rank, t.d_in), jnp.float32),
                    "B": jnp.zeros((t.d_out, rank), jnp.float32)} for t in tgts}
+
+
+def pad_current(adapters: AdapterState) -> AdapterState:
+  """``adapters`` with a narrower current pair (saved before it was always
+  ``max_rank`` wide) zero-padded to ``max_rank``: the same ΔW and training."""
+  r = adapters.spec.max_rank
+  current = {name: {"A": _pad_rank(p["A"], 0, r), "B": _pad_rank(p["B"], 1, r)}
+             for name, p in adapters.trainable["current"].items()}
+  return adapters.replace(trainable={**adapters.trainable, "current": current})
 
 
 def num_stored(adapters: AdapterState) -> jax.Array:
@@ -131,7 +151,11 @@ def num_stored(adapters: AdapterState) -> jax.Array:
 def begin_task(adapters: AdapterState, rng: jax.Array, rank: int) -> AdapterState:
   """Starts a new direction: A ~ U(±1/√d_in), B = 0 (the reference init).
 
-  Under a ``reset_magnitudes`` policy all magnitudes are re-created at
+  The pair is ``max_rank`` wide whatever ``rank`` is: rows of A and columns
+  of B past ``rank`` are zero, and stay exactly zero in training (their
+  gradients are products with each other's zeros), so a rank schedule
+  changes no array shape and the step does not recompile. Under a
+  ``reset_magnitudes`` policy all magnitudes are re-created at
   ``magnitude_init`` (absorbed KD offsets survive, they are kept apart);
   otherwise only the current magnitude is. ``rank`` must be static under jit.
 
@@ -154,9 +178,9 @@ def begin_task(adapters: AdapterState, rng: jax.Array, rank: int) -> AdapterStat
   current = {}
   for key, t in zip(keys, spec.targets):
     bound = 1.0 / np.sqrt(t.d_in)
-    current[t.name] = {
-        "A": jax.random.uniform(key, (rank, t.d_in), jnp.float32, -bound, bound),
-        "B": jnp.zeros((t.d_out, rank), jnp.float32)}
+    a = jax.random.uniform(key, (rank, t.d_in), jnp.float32, -bound, bound)
+    current[t.name] = {"A": _pad_rank(a, 0, spec.max_rank),
+                       "B": jnp.zeros((t.d_out, spec.max_rank), jnp.float32)}
   init = spec.policy.magnitude_init
   mags = dict(adapters.trainable["magnitudes"])
   mags["current"] = jnp.full((), init, jnp.float32)
@@ -269,7 +293,8 @@ def apply_adapters(params: Any, adapters: AdapterState) -> Any:
 def apply_deltas(params: Any, spec: AdapterSpec,
                  deltas: dict[str, jax.Array]) -> Any:
   """Returns ``params`` with ``deltas[name]`` (``(d_in, d_out)``) added to each
-  target's kernel columns."""
+  target's kernel columns (its kernel's output features; transposed onto a
+  kernel stored ``'out_in'``)."""
   by_path: dict[str, list] = {}
   for t in spec.targets:
     by_path.setdefault(t.path, []).append(t)
@@ -278,12 +303,14 @@ def apply_deltas(params: Any, spec: AdapterSpec,
     targets_lib.check_targets(params, spec.targets)   # names what is missing
   updates = {}
   for path, tgts in by_path.items():
-    w0 = kernels[path]
-    chex.assert_shape(w0, tgts[0].kernel_shape)
-    w = w0.reshape(tgts[0].d_in, tgts[0].d_out_total)
-    updates[path] = _add_columns(
-        w, [(t.cols, deltas[t.name].astype(w.dtype)) for t in tgts]
-    ).reshape(w0.shape)
+    w0, t0 = kernels[path], tgts[0]
+    chex.assert_shape(w0, t0.kernel_shape)
+    pieces = [(t.cols, deltas[t.name]) for t in tgts]
+    if t0.layout == "in_out":
+      w = _add_columns(w0.reshape(t0.d_in, t0.d_out_total), pieces)
+    else:   # (out, in): the view transposed, summed, and transposed back
+      w = _add_columns(w0.reshape(t0.d_out_total, t0.d_in).T, pieces).T
+    updates[path] = w.reshape(w0.shape)
   return _with_leaves(params, updates)
 
 
@@ -411,7 +438,7 @@ def end_task(adapters: AdapterState, *, knowledge_distillation: bool = False
   absorbed = adapters.frozen["absorbed"] + jnp.where(absorb, coef, 0.0)
   frozen = {"previous": previous, "absorbed": absorbed,
             "num_stored": slot + keep.astype(jnp.int32)}
-  trainable = {"current": _zero_current(spec.targets, adapters.rank),
+  trainable = {"current": zero_current(spec.targets, spec.max_rank),
                "magnitudes": {"current": mags["current"],
                               "previous": new_prev_mags}}
   info = {"absorbed": absorb, "residual": residual, "coefficients": coef}

@@ -64,19 +64,25 @@ def _spec_dict(adapters: adapters_lib.AdapterState) -> dict:
   spec = adapters.spec
   return {"targets": [dataclasses.asdict(t) for t in spec.targets],
           "capacity": spec.capacity, "max_rank": spec.max_rank,
-          "rank": adapters.rank,
+          # The current pair's width (max_rank; older saves: the task's rank).
+          "rank": adapters.trainable["current"][
+              spec.targets[0].name]["A"].shape[0],
           "policy": dataclasses.asdict(spec.policy)}
 
 
 def _template(d: dict) -> adapters_lib.AdapterState:
   targets = tuple(targets_lib.Target(
       name=t["name"], path=t["path"], kernel_shape=tuple(t["kernel_shape"]),
-      in_dims=t["in_dims"], cols=tuple(t["cols"]) if t["cols"] else None)
+      in_dims=t["in_dims"], cols=tuple(t["cols"]) if t["cols"] else None,
+      layout=t.get("layout", "in_out"))
       for t in d["targets"])
   state = adapters_lib.init_adapters(
       None, targets, capacity=d["capacity"], max_rank=d["max_rank"],
       policy=policy_lib.Policy(**d["policy"]))
-  return adapters_lib.begin_task(state, jax.random.key(0), d["rank"])
+  # Saves from before the pair was max_rank wide hold it at the task's rank.
+  return state.replace(trainable={
+      **state.trainable, "current": adapters_lib.zero_current(targets,
+                                                              d["rank"])})
 
 
 def save_adapters(path, adapters: adapters_lib.AdapterState, *,
@@ -142,7 +148,8 @@ def read_adapters(path) -> SavedAdapters:
                            "frozen": template.frozen, "extra": extra})
   with ocp.StandardCheckpointer() as ckptr:
     tree = ckptr.restore(src / _ARRAYS, abstract)
-  adapters = template.replace(trainable=tree["trainable"], frozen=tree["frozen"])
+  adapters = adapters_lib.pad_current(
+      template.replace(trainable=tree["trainable"], frozen=tree["frozen"]))
   return SavedAdapters(adapters, tree["extra"] if doc["extra"] is not None
                        else None, doc["metadata"])
 

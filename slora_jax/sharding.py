@@ -45,8 +45,10 @@ def _target_specs(target: targets_lib.Target, sharding) -> tuple:
   spec = tuple(sharding.spec) + (None,) * (len(target.kernel_shape)
                                           - len(sharding.spec))
   mesh = sharding.mesh
-  return (_group_axis(spec[:target.in_dims], mesh, target.d_in),
-          _group_axis(spec[target.in_dims:], mesh, target.d_out))
+  k = target.in_dims if target.layout == "in_out" else -target.in_dims
+  ins, outs = (spec[:k], spec[k:]) if k > 0 else (spec[k:], spec[:k])
+  return (_group_axis(ins, mesh, target.d_in),
+          _group_axis(outs, mesh, target.d_out))
 
 
 def adapter_shardings(adapters: adapters_lib.AdapterState,

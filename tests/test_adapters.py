@@ -310,3 +310,74 @@ def test_gradients_finite_at_task_start(semantics):
     floor = sl.paper().current_norm_floor
     np.testing.assert_allclose(np.asarray(gb), np.asarray(g_ref) / floor,
                                rtol=1e-4, atol=1e-6)
+
+
+# --- a rank change keeps every shape (issue #23) ------------------------------
+
+def _narrow(ad, rank):
+  """``ad`` with its current pair cut to ``rank`` (the layout before the pair
+  was always max_rank wide)."""
+  cur = {n: {"A": p["A"][:rank], "B": p["B"][:, :rank]}
+         for n, p in ad.trainable["current"].items()}
+  return ad.replace(trainable={**ad.trainable, "current": cur})
+
+
+@pytest.mark.parametrize("semantics", ["reference", "paper"])
+def test_a_smaller_rank_is_the_padded_max_rank_pair(semantics):
+  params = toy_params()
+  ad = sl.init_adapters(params, RULES, capacity=3, max_rank=4,
+                        policy=sl.get_policy(semantics))
+  ad = sl.begin_task(ad, jax.random.key(1), 2)
+  for p in ad.trainable["current"].values():
+    assert p["A"].shape[0] == 4 and p["B"].shape[1] == 4
+    np.testing.assert_array_equal(p["A"][2:], 0)
+  assert ad.rank == 2
+  # Train with Adam: rows past the rank get exactly zero gradient and update,
+  # and values and gradients are those of the narrow (rank-2) pair.
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(5, D)), jnp.float32)
+  def loss(tr, a):
+    merged = sl.apply_adapters(params, a.replace(trainable=tr))
+    w = merged["blocks_0"]["attn"]["qkv"]["kernel"]
+    query = merged["blocks_1"]["attn"]["query"]["kernel"].reshape(D, -1)
+    return jnp.sum(jnp.sin(x @ w)) + jnp.sum(jnp.sin(x @ query))
+  tx = optax.adamw(0.1)
+  opt = tx.init(ad.trainable)
+  value_and_grad = jax.jit(jax.value_and_grad(loss))
+  for _ in range(3):
+    (v, g), (vn, gn) = (value_and_grad(a.trainable, a)
+                        for a in (ad, _narrow(ad, 2)))
+    # The same products with zero terms added, summed in another order: each
+    # x·W entry (D terms) may move by D·eps·Σ|terms|, the loss by their sum;
+    # gradients sum over the 5 rows of x as well.
+    merged = sl.apply_adapters(params, ad)
+    eps = np.finfo(np.float32).eps
+    mass = sum(float(jnp.sum(jnp.abs(x) @ jnp.abs(w.reshape(D, -1)))) for w in (
+        merged["blocks_0"]["attn"]["qkv"]["kernel"],
+        merged["blocks_1"]["attn"]["query"]["kernel"]))
+    assert abs(float(v) - float(vn)) <= D * eps * mass
+    for name, p in g["current"].items():
+      np.testing.assert_array_equal(p["A"][2:], 0)
+      np.testing.assert_array_equal(p["B"][:, 2:], 0)
+      for k, want in gn["current"][name].items():
+        got = p[k][:2] if k == "A" else p[k][:, :2]
+        tol = 5 * D * eps * (float(jnp.max(jnp.abs(want))) + 1e-30)
+        np.testing.assert_allclose(got, want, rtol=0, atol=tol)
+    updates, opt = tx.update(g, opt, ad.trainable)
+    ad = ad.replace(trainable=optax.apply_updates(ad.trainable, updates))
+    for p in ad.trainable["current"].values():
+      np.testing.assert_array_equal(p["A"][2:], 0)
+      np.testing.assert_array_equal(p["B"][:, 2:], 0)
+  ad, _ = sl.end_task(ad)
+  assert list(sl.stored_ranks(ad)) == [2]
+
+
+def test_a_rank_schedule_compiles_the_step_once():
+  params = toy_params()
+  ad = sl.init_adapters(params, RULES, capacity=3, max_rank=4)
+  step = jax.jit(lambda a: jax.grad(lambda tr: jnp.sum(jax.tree.leaves(
+      sl.apply_adapters(params, a.replace(trainable=tr)))[0]))(a.trainable))
+  for task, rank in enumerate((4, 2, 2)):
+    ad = sl.begin_task(ad, jax.random.key(task), rank)
+    step(ad)
+    ad, _ = sl.end_task(ad)
+  assert step._cache_size() == 1

@@ -142,3 +142,14 @@ def test_counter_self_check_in_process():
 def test_settings_reject_small_capacity():
   with pytest.raises(ValueError, match="capacity"):
     benchmark.Settings(tasks=(0, 99), capacity=50)
+
+
+def test_a_rank_schedule_compiles_the_train_step_once():
+  """SD-LoRA-RR's ranks (here 4 → 2) share the step's one compilation."""
+  from experiments.benchmark import (  # pylint: disable=import-outside-toplevel
+      compile_checks, settings, workload)
+  s = settings.Settings(model="vit_ti16", image_size=16, patch_size=8,
+                        depth=1, batch=2, num_classes=4, rank=4, capacity=4,
+                        tasks=(0, 2), sim_tasks=3, run_capacity=4)
+  sd = workload.SDLoRA(workload.Workload(s))
+  assert compile_checks.rank_schedule_compilations(sd) == 1

@@ -202,3 +202,103 @@ def test_einsum_whose_kernel_is_not_one_map_is_a_clear_error():
                      r"not a product.*apply_adapters"):
     sl.apply_with_adapters(lambda p, x: model.apply({"params": p}, x), params,
                            ad, x)
+
+
+# --- layers whose map of the kernel is not known (issue #23) ----------------
+
+class _OwnKernel(nn.Module):
+  """A hand-written layer: its kernel (``shape``) used as ``how`` says."""
+  shape: tuple
+  how: str
+
+  @nn.compact
+  def __call__(self, x):
+    k = self.param("kernel", nn.initializers.normal(1.0), self.shape)
+    return {"plain": lambda: x @ k, "scaled": lambda: x @ (2 * k),
+            "transposed": lambda: x @ k.T,
+            "plus_input": lambda: x @ k + jnp.tanh(x)}[self.how]()
+
+
+class _Wrapped(nn.Module):
+  shape: tuple
+  how: str
+
+  @nn.compact
+  def __call__(self, x):
+    return _OwnKernel(self.shape, self.how, name="lin")(x)
+
+
+class _DenseTimesTwo(nn.Dense):
+  def __call__(self, inputs):
+    return super().__call__(2 * inputs)
+
+
+def _own_layer(shape, how, layout):
+  model = _Wrapped(shape, how)
+  x = jax.random.normal(jax.random.key(1), (2, 3, D))
+  params = model.init(jax.random.key(0), x)["params"]
+  rules = [sl.kernel("lin/kernel", layout=layout)]
+  return (lambda p, x: model.apply({"params": p}, x)), params, rules, x
+
+
+@pytest.mark.parametrize("shape,how,layout", [
+    ((D, D), "scaled", "in_out"),        # square: the shapes fit, the map not
+    ((D, D), "transposed", "in_out"),
+    ((D, D), "plain", "out_in"),
+    ((2 * D, D), "transposed", "in_out"),   # (out, in) read as (in, out)
+])
+def test_a_kernel_used_otherwise_than_input_times_kernel_is_refused(
+    shape, how, layout):
+  apply_fn, params, rules, x = _own_layer(shape, how, layout)
+  ad = _trained(params, rules, stored=1)
+  with pytest.raises(ValueError, match=r"apply_with_adapters: lin/kernel: "
+                     r"_OwnKernel is no Flax Dense.*use the weight form"):
+    jax.grad(lambda tr: jnp.sum(sl.apply_with_adapters(
+        apply_fn, params, ad.replace(trainable=tr), x)))(ad.trainable)
+
+
+@pytest.mark.parametrize("shape,how,layout", [
+    ((D, 2 * D), "plain", "in_out"),
+    ((2 * D, D), "transposed", "out_in"),   # HF Conv1D / PyTorch layout
+    ((D, D), "transposed", "out_in"),
+    ((D, D), "plus_input", "in_out"),       # a term free of the kernel is fine
+])
+def test_a_hand_written_layer_verified_by_the_probe_agrees(shape, how, layout):
+  apply_fn, params, rules, x = _own_layer(shape, how, layout)
+  _assert_forms_agree(apply_fn, params, _trained(params, rules), x)
+
+
+@pytest.mark.parametrize("layer", [
+    lambda: _DenseTimesTwo(D, name="lin"),     # the tap would see x, not 2x
+    lambda: nn.Dense(D, name="lin", dot_general=(
+        lambda a, b, *args, **kw: jax.lax.dot_general(a, 2 * b, *args, **kw))),
+])
+def test_a_dense_whose_map_is_changed_is_probed_and_refused(layer):
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return layer()(x)
+  model = Net()
+  x = jnp.ones((2, D))
+  params = model.init(jax.random.key(0), x)["params"]
+  ad = _trained(params, [sl.kernel("lin/kernel")], stored=0)
+  with pytest.raises(ValueError, match=r"lin/kernel: \w+ is no Flax Dense.*"
+                     r"does not change with the kernel as input·kernel"):
+    sl.apply_with_adapters(lambda p, x: model.apply({"params": p}, x), params,
+                           ad, x)
+
+
+def test_nnx_linear_with_a_replaced_product_is_refused():
+  class Net(nnx.Module):
+    def __init__(self, rngs):
+      self.lin = nnx.Linear(D, D, rngs=rngs, dot_general=(
+          lambda a, b, *args, **kw: jax.lax.dot_general(a, b.T, *args, **kw)))
+
+    def __call__(self, x):
+      return self.lin(x)
+  graphdef, params = nnx.split(Net(nnx.Rngs(0)))
+  ad = _trained(params, [sl.kernel("lin/kernel")], stored=0)
+  with pytest.raises(ValueError,
+                     match=r"lin/kernel: Linear .*replaced product"):
+    sl.apply_with_adapters(lambda s, x: nnx.merge(graphdef, s)(x), params, ad,
+                           jnp.ones((2, D)))

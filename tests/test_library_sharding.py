@@ -34,7 +34,8 @@ _SCRIPT = textwrap.dedent("""
                    mesh, layout[k])), "bias": v["bias"]}
                for k, v in params.items()}
     rules = [sl.kernel("heads/kernel"), sl.kernel("up/kernel"),
-             sl.fused_slices("down/kernel", parts=2, take=((1, "second"),))]
+             sl.fused_slices("down/kernel", parts=2, take=((1, "second"),),
+                             layout="in_out")]
 
     def trained(ps):
       ad = sl.init_adapters(ps, rules, capacity=3, max_rank=2)

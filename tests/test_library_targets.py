@@ -9,6 +9,7 @@ import pytest
 from flax import nnx
 
 import slora_jax as sl
+from slora_jax.models import vit
 
 PARAMS = {"blocks_0": {"attn": {"qkv": {"kernel": jnp.zeros((4, 12)),
                                         "bias": jnp.zeros((12,))},
@@ -80,3 +81,59 @@ def test_nnx_state_paths_are_offered_without_value():
   msg = _error([sl.kernel("kernal")], state)
   assert "nearest paths: ['kernel']" in msg
   assert jax.tree.leaves(state)
+
+
+# --- issue #23: whole-path matching, leaves that are no linear map -----------
+
+BERTISH = {"encoder": {"layer": {str(i): {"attention": {"self": {
+    "query": {"kernel": jnp.zeros((4, 4)), "bias": jnp.zeros((4,))},
+    "value": {"kernel": jnp.zeros((4, 4)), "bias": jnp.zeros((4,))}}}}
+    for i in range(2)}},
+    "embeddings": {"word_embeddings": {"embedding": jnp.zeros((50, 4))}}}
+
+
+def test_a_rule_matching_part_of_paths_says_rules_match_whole_paths():
+  msg = _error([sl.kernel(r"attention/self/(query|value)/kernel")], BERTISH)
+  assert ("matched no parameter (rules match whole paths, re.fullmatch; it "
+          "matches part of 4 path(s) such as "
+          "'encoder/layer/0/attention/self/query/kernel': start it with '.*' "
+          "to match those)") in msg
+  assert "re.fullmatch" in sl.kernel.__doc__ and "whole" in sl.kernel.__doc__
+  ad = sl.init_adapters(
+      BERTISH, [sl.kernel(r".*attention/self/(query|value)/kernel")],
+      capacity=1, max_rank=1)
+  assert len(ad.spec.targets) == 4
+
+
+def test_conv_kernels_and_embedding_tables_are_refused_unless_opted_in():
+  cfg = vit.vit_ti16(image_size=16, patch_size=8, depth=1)
+  params = vit.init_params(cfg, jax.random.key(0))
+  conv = [p for p, x in _leaves(params) if len(x) == 4]
+  assert conv                                  # the patch embedding
+  msg = _error([sl.kernel(r".*/kernel")], params)
+  assert (f"kernel('.*/kernel') matches 1 leaf that is a convolution kernel, "
+          f"no linear map ({conv[0]} ") in msg
+  assert "pass any_shape=True" in msg
+  ad = sl.init_adapters(params, [sl.kernel(r".*/kernel", any_shape=True)],
+                        capacity=1, max_rank=1)
+  assert conv[0] in {t.path for t in ad.spec.targets}
+  msg = _error([sl.kernel(r".*embedding")], BERTISH)
+  assert "matches 1 leaf that is an embedding table, no linear map" in msg
+
+
+def test_many_unfit_leaves_give_one_short_sentence():
+  cfg = vit.vit_ti16(image_size=16, patch_size=8, depth=2)
+  params = vit.init_params(cfg, jax.random.key(0))
+  msg = _error([sl.kernel(r".*(bias|scale)")], params)
+  count = sum(1 for p, x in _leaves(params)
+              if re.fullmatch(r".*(bias|scale)", p))
+  assert count > 10
+  assert msg.count("matches") == 1, msg
+  assert f"matches {count} leaves with no output axis (" in msg
+  assert f"and {count - 3} more" in msg and len(msg) < 600, len(msg)
+
+
+def _leaves(tree):
+  from slora_jax import targets  # pylint: disable=import-outside-toplevel
+  return [(targets.leaf_path(p), x.shape)
+          for p, x in jax.tree_util.tree_leaves_with_path(tree)]

@@ -56,3 +56,17 @@ def test_refuses_to_overwrite_and_names_a_missing_save(tmp_path):
   sl.save_adapters(tmp_path / "c", st, overwrite=True)
   with pytest.raises(FileNotFoundError, match="holds no saved adapters"):
     sl.load_adapters(tmp_path / "nothing")
+
+
+def test_a_save_with_a_narrow_current_pair_loads_padded(tmp_path):
+  """Saves from before the pair was max_rank wide hold it at the task's rank;
+  they load padded with zeros: the same ΔW, and the shapes a step expects."""
+  params, st = _state()                                # rank 3 of max_rank 4
+  narrow = {n: {"A": p["A"][:3], "B": p["B"][:, :3]}
+            for n, p in st.trainable["current"].items()}
+  old = st.replace(trainable={**st.trainable, "current": narrow})
+  sl.save_adapters(tmp_path / "old", old)
+  back = sl.load_adapters(tmp_path / "old")
+  for a, b in zip(jax.tree.leaves(st), jax.tree.leaves(back)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert back.rank == 3

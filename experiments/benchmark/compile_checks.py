@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 
 import jax
+import jax.numpy as jnp
 import jax.extend.core as jex
 import jax.monitoring
 import numpy as np
@@ -103,3 +104,30 @@ def program_rows(table: Table, step, args_lo: tuple, args_hi: tuple,
   # are the stored count (an array), not by Python loops over tasks.
   table.add("on-device loop primitives in the train step",
             ",".join(sorted(prims & LOOP_PRIMITIVES)) or "none")
+
+
+def rank_schedule_compilations(sd, ranks: tuple[int, ...] | None = None) -> int:
+  """Compilations of ``sd``'s train step over one task per rank of ``ranks``
+  (default: an SD-LoRA-RR schedule from the settings' rank down by 2s, e.g.
+  10 → 8 → 6), one step each, begun by `slora_jax.begin_task` at that rank.
+
+  A rank change keeps the current pair's shape (``max_rank`` wide, zero past
+  the rank), so this is 1.
+  """
+  import slora_jax as sl  # pylint: disable=import-outside-toplevel
+  w = sd.w
+  top = w.settings.rank
+  ranks = ranks or tuple(r for r in (top, top - 2, top - 4) if r >= 1)
+  adapters = sd.template.replace(frozen=jax.tree.map(jnp.copy,
+                                                     sd.template.frozen))
+  head = jax.tree.map(jnp.copy, w.head0)
+  with CompileCounter() as counter:
+    for task, rank in enumerate(ranks):
+      adapters = sl.begin_task(adapters, jax.random.key(200 + task), rank)
+      opt_state = sd.opt_init(sl.trainable_params(adapters, head))
+      adapters, head, opt_state, _ = sd.step(
+          adapters, head, opt_state, w.backbone, w.batch_for(task),
+          *w.bounds(task), w.lr)
+      adapters, _ = sl.end_task(adapters)
+    jax.block_until_ready(adapters)
+  return counter.compiles["step"]
