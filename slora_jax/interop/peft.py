@@ -137,9 +137,9 @@ def save_peft(directory: str, adapters: adapters_lib.AdapterState,
   """Writes `to_peft`'s files into ``directory``; returns the config."""
   tensors, config = to_peft(adapters, cfg, head)
   os.makedirs(directory, exist_ok=True)
-  safetensors.numpy.save_file(
-      tensors, os.path.join(directory, "adapter_model.safetensors"),
-      metadata={"format": "pt"})
+  # Through open(): safetensors' save_file creates the file 0600.
+  with open(os.path.join(directory, "adapter_model.safetensors"), "wb") as f:
+    f.write(safetensors.numpy.save(tensors, metadata={"format": "pt"}))
   with open(os.path.join(directory, "adapter_config.json"), "w",
             encoding="utf-8") as f:
     json.dump(config, f, indent=1)

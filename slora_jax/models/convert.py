@@ -34,7 +34,7 @@ from slora_jax.models import vit as vit_lib
 __all__ = [
     "CheckpointMismatchError", "load_pretrained", "load_timm_safetensors",
     "save_timm_safetensors", "load_big_vision_npz", "save_big_vision_npz",
-    "to_split_qkv", "to_fused_qkv",
+    "to_split_qkv", "to_fused_qkv", "to_timm_arrays",
 ]
 
 log = logging.getLogger(__name__)
@@ -422,6 +422,11 @@ def load_timm_safetensors(path: PathLike, config: vit_lib.ViTConfig) -> dict:
                           _TIMM_IGNORED)
 
 
+def to_timm_arrays(params: Any, config: vit_lib.ViTConfig) -> dict:
+  """``params`` as timm's state dict of float32 numpy arrays (no head)."""
+  return _to_checkpoint(params, config, _timm_rules(config))
+
+
 def save_timm_safetensors(params: Any, path: PathLike,
                           config: vit_lib.ViTConfig) -> None:
   """Writes ``params`` as a timm ``model.safetensors`` (without a head).
@@ -434,7 +439,7 @@ def save_timm_safetensors(params: Any, path: PathLike,
   Raises:
     CheckpointMismatchError: ``params`` does not fit ``config``.
   """
-  flat = _to_checkpoint(params, config, _timm_rules(config))
+  flat = to_timm_arrays(params, config)
   # 'format: pt' is what timm/transformers expect of torch-origin files.
   _file(path).write_bytes(safetensors.numpy.save(flat,
                                                  metadata={"format": "pt"}))
