@@ -9,6 +9,7 @@ installed, so does a plain PyTorch forward of the same file.
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -122,8 +123,10 @@ def test_timm_and_peft_reproduce_our_logits(workdir, tmp_path):
                        images)
   x = torch.from_numpy(images).permute(0, 3, 1, 2)
   merged = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
-  backbone = timm.create_model(f"local-dir:{out}/backbone", pretrained=True)
-  lora = peft.PeftModel.from_pretrained(backbone, f"{out}/peft").eval()
+  env = {}   # README's three lines, as written
+  exec(_readme_snippet().replace("OUT", out), env)  # pylint: disable=exec-used
+  lora = env["model"]
+  assert isinstance(lora, peft.PeftModel)
   with torch.no_grad():
     got_merged, got_lora = merged(x).numpy(), lora(x).numpy()
   np.testing.assert_allclose(got_merged, ours, atol=1e-4, rtol=1e-4)
@@ -135,6 +138,12 @@ def test_timm_and_peft_reproduce_our_logits(workdir, tmp_path):
                             **doc["model_args"])
   assert {k: v.shape for k, v in again.state_dict().items()} == {
       k: v.shape for k, v in merged.state_dict().items()}
+
+
+def _readme_snippet() -> str:
+  text = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+  section = text.split("### Exporting to PyTorch", 1)[1]
+  return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 
 @pytest.mark.skipif(not torch_interop.available(),
