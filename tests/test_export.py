@@ -155,10 +155,31 @@ def test_vit_b16_gets_timms_own_name():
                       num_heads=12, mlp_dim=3072)
   doc = export.timm_config(cfg, 10, "none")
   assert doc["architecture"] == "vit_base_patch16_224"
-  model = timm.create_model(doc["architecture"], num_classes=10,
-                            **doc["model_args"])
-  assert model.pos_embed.shape == (1, cfg.seq_len, 768)
-  assert model.blocks[0].mlp.fc1.weight.shape == (3072, 768)
+
+
+@pytest.mark.skipif(not torch_interop.available(),
+                    reason="needs torch, torchvision, timm and peft")
+def test_a_vit_b16_folder_loads_as_local_dir(tmp_path):
+  # One block keeps it cheap; the name stays timm's ViT-B/16.
+  timm, _ = torch_interop.import_timm()
+  import torch  # pylint: disable=import-outside-toplevel
+  cfg = vit.ViTConfig(image_size=224, patch_size=16, width=768, depth=1,
+                      num_heads=12, mlp_dim=3072)
+  params = vit.init_params(cfg, jax.random.key(0))
+  rng = np.random.default_rng(3)
+  head = {"kernel": rng.normal(size=(768, 5)).astype(np.float32),
+          "bias": rng.normal(size=5).astype(np.float32)}
+  doc = export.timm_config(cfg, 5, "imagenet")
+  export._write_timm(str(tmp_path), params, head, 5, cfg, doc)  # pylint: disable=protected-access
+  model = timm.create_model(f"local-dir:{tmp_path}", pretrained=True).eval()
+  image = rng.random((1, 224, 224, 3)).astype(np.float32)
+  with jax.default_matmul_precision("highest"):
+    feats = vit.VisionTransformer(cfg).apply({"params": params}, image)
+  ours = np.asarray(sl.apply_head(jax.tree.map(jax.numpy.asarray, head), feats))
+  with torch.no_grad():
+    got = model(torch.from_numpy(image).permute(0, 3, 1, 2)).numpy()
+  np.testing.assert_allclose(got, ours, atol=1e-4, rtol=1e-4)
+  assert model.pretrained_cfg["mean"] == [0.485, 0.456, 0.406]
 
 
 def test_mid_task_checkpoint_exports_the_classes_seen(workdir, tmp_path):
