@@ -264,6 +264,10 @@ def main(argv=None) -> int:
   except (FileNotFoundError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
+  if args.step is None and not doc["source"]["evaluated"]:
+    print(f"note: checkpoint {doc['source']['checkpoint']} is not the model "
+          "results.json reports (a mid-task checkpoint, or the one before "
+          "end_task is no longer kept)", file=sys.stderr)
   print(f"{doc['architecture']} ({doc['num_classes']} classes, checkpoint "
         f"{doc['source']['checkpoint']}) -> {args.out}/model.safetensors, "
         f"config.json, backbone/, peft/, adapters/")

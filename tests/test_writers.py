@@ -120,3 +120,15 @@ def test_a_run_logs_one_step_axis_lr_alpha_eval_and_config(tmp_path,
   assert run.project == "slora-tests" and run.display_name == "run-seed1993"
   assert config["train.init_lr"] == "0.05" and config["seed"] == "1993"
   assert config["method"] == '"sdlora"'
+
+
+def test_log_settings_default_for_older_configs_and_refuse_a_bad_mode():
+  # results.json of runs made before the log section still load (export).
+  c = tiny_config.get_config().to_dict()
+  del c["log"]
+  assert config_lib.from_config(c).log == config_lib.LogSettings(
+      tensorboard=True, wandb_project="", wandb_entity="", wandb_mode="")
+  c = tiny_config.get_config()
+  c.log.wandb_mode = "cloud"
+  with pytest.raises(config_lib.ConfigError, match="log.wandb_mode must be"):
+    config_lib.from_config(c)
