@@ -4,7 +4,8 @@ A tiny run (tests/tiny_config.py) is exported at its last checkpoint and at
 a mid-task one; the timm-layout file, run through the independent float64
 numpy port of timm's forward (tests/test_vit.py) and the exported head,
 gives our logits (the unmerged adapters on the backbone) to 1e-4; with torch
-installed, so does a plain PyTorch forward of the same file.
+installed, so does a plain PyTorch forward of the same file, and with timm and
+PEFT installed, timm's own loading of the folders and PEFT's of the LoRA.
 """
 
 import json
