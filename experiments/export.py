@@ -3,18 +3,21 @@
     python -m experiments.export WORKDIR --out=DIR [--seed=1993] [--step=N]
 
 Reads the run's config (``WORKDIR/seed_<seed>/results.json``, else
-``WORKDIR/config.json``) and one of its checkpoints (the latest, or number
-``--step``; a finished task's or one taken mid-task), rebuilds the backbone
-as the run did, merges the adapters into it and writes to ``DIR``:
+``WORKDIR/config.json``) and one of its checkpoints (default: the model the
+run last evaluated, whose numbers results.json reports; or number
+``--step``, a finished task's or one taken mid-task), rebuilds the backbone
+as the run did and writes to ``DIR``:
 
-* ``model.safetensors``: the merged ViT in timm's layout plus ``head.weight``
-  and ``head.bias`` for the classes trained so far (rows in the run's label
-  order: row i is dataset class ``class_order[i]``);
-* ``config.json``: the timm architecture and its arguments, the input
-  preprocessing, the classes and where the weights came from, so that
-  ``timm.create_model(c["architecture"], num_classes=c["num_classes"],
-  **c["model_args"])`` followed by ``load_state_dict`` runs the model;
-* ``adapters/``: the adapter state alone (`slora_jax.save_adapters`).
+* ``model.safetensors`` + ``config.json``: the merged ViT in timm's layout
+  with ``head.weight``/``head.bias`` for the classes trained so far (row i is
+  dataset class ``class_order[i]``), loadable as
+  ``timm.create_model("local-dir:DIR", pretrained=True)``; ``config.json``
+  also holds the input preprocessing, the classes and the source run;
+* ``backbone/``: the same for the frozen ViT (no adapters), with the head;
+* ``peft/``: the adapters as one PEFT LoRA of timm's ViT, head included
+  (`slora_jax.interop.peft`): ``PeftModel.from_pretrained(backbone, DIR/peft)``;
+* ``adapters/``: the SD-LoRA state itself, per task and with its magnitudes
+  (`slora_jax.save_adapters`: safetensors + JSON).
 
 Nothing in WORKDIR is written: the checkpoints are opened read-only.
 """
@@ -33,6 +36,7 @@ import orbax.checkpoint as ocp
 import safetensors.numpy
 
 import slora_jax as sl
+from slora_jax.interop import peft
 from slora_jax.models import convert
 from slora_jax.runner import backbone as backbone_lib
 from slora_jax.runner import config as config_lib
@@ -40,10 +44,17 @@ from slora_jax.runner.data import transforms
 
 __all__ = ["load_run", "export", "main"]
 
-# timm names of the sizes we know; any other size uses the nearest name with
-# explicit model_args (timm.create_model accepts them as overrides).
+# timm's names of the sizes we know; another size takes vit_base's name, and
+# model_args (which timm applies over the name's own) give the real one.
 _TIMM_NAMES = {(192, 3): "vit_tiny", (384, 6): "vit_small", (768, 12): "vit_base",
                (1024, 16): "vit_large"}
+# Architectures timm registers (timm 1.0; tests/test_export.py checks them).
+TIMM_REGISTERED = frozenset(
+    f"{n}_patch{p}_{s}" for n in _TIMM_NAMES.values()
+    for p, s in ((16, 224), (16, 384))) | {
+        "vit_base_patch8_224", "vit_base_patch32_224", "vit_base_patch32_384",
+        "vit_small_patch8_224", "vit_small_patch32_224",
+        "vit_small_patch32_384", "vit_large_patch32_384"}
 
 
 def _seed_dir(workdir: str, seed: int | None) -> str:
@@ -136,54 +147,96 @@ def load_run(workdir: str, seed: int | None = None, step: int | None = None):
 
 
 def timm_config(cfg, num_classes: int, normalize: str) -> dict:
-  """timm's name and arguments for ViT ``cfg`` (class token, no fc_norm)."""
-  name = _TIMM_NAMES.get((cfg.width, cfg.num_heads), "vit_base")
+  """timm's name and arguments for ViT ``cfg`` (class token, no fc_norm).
+
+  ``architecture`` is a name timm registers and ``model_args`` override all
+  of its arguments, so ``timm.create_model(architecture, **model_args)``
+  builds ``cfg`` whether or not timm has a name for it; ``pretrained_cfg``
+  is what ``timm.create_model("local-dir:DIR", pretrained=True)`` reads.
+  """
+  name = f"{_TIMM_NAMES.get((cfg.width, cfg.num_heads), 'vit_base')}_patch"
+  exact = f"{name}{cfg.patch_size}_{cfg.image_size}"
   mean_std = transforms.NORMALIZATIONS[normalize]
+  mean = list(mean_std[0]) if mean_std else [0.0, 0.0, 0.0]
+  std = list(mean_std[1]) if mean_std else [1.0, 1.0, 1.0]
+  size = [cfg.in_chans, cfg.image_size, cfg.image_size]
   return {
-      "architecture": f"{name}_patch{cfg.patch_size}_{cfg.image_size}",
+      "architecture": exact if exact in TIMM_REGISTERED else f"{name}16_224",
       "num_classes": num_classes,
+      "num_features": cfg.width,
+      "pretrained_cfg": {"num_classes": num_classes, "classifier": "head",
+                         "input_size": size, "fixed_input_size": True,
+                         "mean": mean, "std": std, "crop_pct": 1.0,
+                         "interpolation": "bilinear"},
       "model_args": {"img_size": cfg.image_size, "patch_size": cfg.patch_size,
                      "in_chans": cfg.in_chans, "embed_dim": cfg.width,
                      "depth": cfg.depth, "num_heads": cfg.num_heads,
                      "mlp_ratio": cfg.mlp_dim / cfg.width, "qkv_bias": True,
                      "class_token": True, "global_pool": "token"},
-      "input": {"size": [cfg.in_chans, cfg.image_size, cfg.image_size],
-                "layout": "NCHW in PyTorch (NHWC in slora_jax)",
-                "pixels": "RGB in [0, 1]",
-                "mean": list(mean_std[0]) if mean_std else [0.0, 0.0, 0.0],
-                "std": list(mean_std[1]) if mean_std else [1.0, 1.0, 1.0]},
+      "input": {"size": size, "layout": "NCHW in PyTorch (NHWC in slora_jax)",
+                "pixels": "RGB in [0, 1]", "mean": mean, "std": std},
   }
+
+
+def evaluated_step(workdir: str, seed: int | None = None) -> tuple[int, bool]:
+  """(step, found) of the model the run last evaluated (results.json's).
+
+  The checkpoint after a task is taken after ``end_task``, which normalises
+  the task's direction (docs/semantics.md §3.6): the model evaluated is the
+  one before it, saved with the evaluation pending. Without that checkpoint
+  (the kept ones skip it) or mid-task: (the latest, False).
+  """
+  step, cursor = checkpoint_cursor(workdir, seed)
+  if not cursor["begun"] and step > 0:
+    try:
+      before, c = checkpoint_cursor(workdir, seed, step - 1)
+    except FileNotFoundError:
+      return step, False
+    if c["begun"] and c["task"] == cursor["task"] - 1:
+      return before, True
+  return step, False
+
+
+def _write_timm(directory: str, params, head, n: int, cfg, doc: dict) -> None:
+  """``model.safetensors`` (params and head's first n classes) + config.json."""
+  os.makedirs(directory, exist_ok=True)
+  flat = convert.to_timm_arrays(params, cfg)
+  head = jax.tree.map(np.asarray, head)
+  flat["head.weight"] = np.ascontiguousarray(head["kernel"][:, :n].T)
+  flat["head.bias"] = np.ascontiguousarray(head["bias"][:n])
+  # Through open(): safetensors' own save_file creates the file 0600.
+  with open(os.path.join(directory, "model.safetensors"), "wb") as f:
+    f.write(safetensors.numpy.save(flat, metadata={"format": "pt"}))
+  with open(os.path.join(directory, "config.json"), "w", encoding="utf-8") as f:
+    json.dump(doc, f, indent=1)
 
 
 def export(workdir: str, out: str, seed: int | None = None,
            step: int | None = None) -> dict:
-  """Writes ``model.safetensors``, ``config.json`` and ``adapters/`` to
-  ``out``; returns the config written."""
-  run = load_run(workdir, seed, step)
+  """Writes the files the module docstring lists to ``out``; returns the
+  config written (``source.evaluated``: whether results.json reports it)."""
+  evaluated, found = evaluated_step(workdir, seed)
+  run = load_run(workdir, seed, evaluated if step is None else step)
   n = run["num_trained_classes"]
   if n == 0:
     raise ValueError(f"checkpoint {run['step']} of {run['seed_dir']} is taken "
                      "before any task was trained: nothing to export")
   cfg = run["vit_config"]
-  os.makedirs(out, exist_ok=True)
-  weights = os.path.join(out, "model.safetensors")
-  convert.save_timm_safetensors(sl.merge(run["params"], run["adapters"]),
-                                weights, cfg)
-  flat = safetensors.numpy.load_file(weights)
-  head = jax.tree.map(np.asarray, run["head"])
-  flat["head.weight"] = np.ascontiguousarray(head["kernel"][:, :n].T)
-  flat["head.bias"] = np.ascontiguousarray(head["bias"][:n])
-  safetensors.numpy.save_file(flat, weights, metadata={"format": "pt"})
   fp = run["meta"]["fingerprint"]
   doc = timm_config(cfg, n, run["exp"].data.normalize) | {
       "class_order": fp["class_order"][:n],
       "source": {"workdir": os.path.abspath(run["seed_dir"]),
                  "checkpoint": run["step"], "cursor": run["meta"]["cursor"],
                  "method": fp["method"], "semantics": fp["semantics"],
-                 "seed": fp["seed"]},
+                 "seed": fp["seed"],
+                 "evaluated": found and run["step"] == evaluated},
   }
-  with open(os.path.join(out, "config.json"), "w", encoding="utf-8") as f:
-    json.dump(doc, f, indent=1)
+  _write_timm(out, sl.merge(run["params"], run["adapters"]), run["head"], n,
+              cfg, doc)
+  _write_timm(os.path.join(out, "backbone"), run["params"], run["head"], n,
+              cfg, doc | {"adapters": "none: the frozen backbone"})
+  head = jax.tree.map(lambda x: np.asarray(x)[..., :n], run["head"])
+  peft.save_peft(os.path.join(out, "peft"), run["adapters"], cfg, head)
   sl.save_adapters(os.path.join(out, "adapters"), run["adapters"],
                    extra={"head": run["head"]}, metadata=doc["source"],
                    overwrite=True)
@@ -211,9 +264,13 @@ def main(argv=None) -> int:
   except (FileNotFoundError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
+  if args.step is None and not doc["source"]["evaluated"]:
+    print(f"note: checkpoint {doc['source']['checkpoint']} is not the model "
+          "results.json reports (a mid-task checkpoint, or the one before "
+          "end_task is no longer kept)", file=sys.stderr)
   print(f"{doc['architecture']} ({doc['num_classes']} classes, checkpoint "
         f"{doc['source']['checkpoint']}) -> {args.out}/model.safetensors, "
-        f"config.json, adapters/")
+        f"config.json, backbone/, peft/, adapters/")
   return 0
 
 

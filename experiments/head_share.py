@@ -94,14 +94,7 @@ def _load_evaluated(workdir: str, seed: int | None, step: int | None) -> dict:
   is the one before it, saved with the evaluation pending.
   """
   if step is None:
-    step, cursor = export_lib.checkpoint_cursor(workdir, seed)
-    if not cursor["begun"] and step > 0:
-      try:
-        before, c = export_lib.checkpoint_cursor(workdir, seed, step - 1)
-      except FileNotFoundError:              # kept checkpoints skip it
-        before, c = step, cursor
-      if c["begun"] and c["task"] == cursor["task"] - 1:
-        step = before
+    step, _ = export_lib.evaluated_step(workdir, seed)
   return export_lib.load_run(workdir, seed, step)
 
 

@@ -1,15 +1,19 @@
 """Saving an adapter state alone: small (no backbone) and readable anywhere.
 
-A saved state is a directory with two entries:
+A saved state is a directory with two files, readable without JAX or Orbax:
 
-* ``arrays/``: the adapter arrays (and any ``extra`` arrays, e.g. a head),
-  written by Orbax's standard checkpointer;
+* ``adapters.safetensors``: the adapter arrays (and any ``extra`` arrays, e.g.
+  a head), keyed by their path in the state, e.g.
+  ``frozen/previous/<target>/A`` (C, R, d_in), ``trainable/magnitudes/
+  previous`` (C,), ``frozen/num_stored``, ``extra/head/kernel``;
 * ``adapters.json``: what rebuilds the state without the model that made it:
   the targets (names, kernel paths and shapes, column slices), capacity, ranks,
-  the `Policy`, the shapes of ``extra`` and free-form ``metadata``. It is
-  written last, so its presence marks a complete save.
+  the `Policy`, the number of stored directions (tasks), the shapes of
+  ``extra`` and free-form ``metadata``. It is written last, so its presence
+  marks a complete save.
 
-``load_adapters(path)`` needs neither the runner nor the model's parameters.
+``load_adapters(path)`` needs neither the runner nor the model's parameters;
+it also reads the earlier format (``arrays/``, an Orbax checkpoint).
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+import safetensors.numpy
 
 from slora_jax import adapters as adapters_lib
 from slora_jax import policy as policy_lib
@@ -28,8 +34,10 @@ from slora_jax import targets as targets_lib
 __all__ = ["FORMAT", "SavedAdapters", "save_adapters", "load_adapters",
            "read_adapters"]
 
-FORMAT = "slora_jax.adapters/1"
+FORMAT = "slora_jax.adapters/2"
+_ORBAX_FORMAT = "slora_jax.adapters/1"   # arrays/ by Orbax (still read)
 _ARRAYS = "arrays"
+_TENSORS = "adapters.safetensors"
 _SPEC = "adapters.json"
 
 
@@ -85,6 +93,31 @@ def _template(d: dict) -> adapters_lib.AdapterState:
                                                               d["rank"])})
 
 
+def _flat(tree, prefix: str = "") -> dict:
+  """``{"a/b/c": leaf}`` of a nested dict (target names may hold "/")."""
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f"{prefix}{k}/"))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def _host(x) -> np.ndarray:
+  # A replicated array of several processes: every copy is the whole array.
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    x = x.addressable_data(0)
+  return np.asarray(x, order="C")   # (ascontiguousarray makes 0-d 1-d)
+
+
+def _filled(template, flat: dict, prefix: str = ""):
+  """``template`` (nested dict) with its leaves taken from ``flat``."""
+  return {k: (_filled(v, flat, f"{prefix}{k}/") if isinstance(v, dict)
+              else jnp.asarray(flat[f"{prefix}{k}"]))
+          for k, v in template.items()}
+
+
 def save_adapters(path, adapters: adapters_lib.AdapterState, *,
                   extra: Any = None, metadata: dict | None = None,
                   overwrite: bool = False) -> str:
@@ -100,10 +133,8 @@ def save_adapters(path, adapters: adapters_lib.AdapterState, *,
   Returns:
     The directory, as a string.
   """
-  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
-
   out = _path(path)
-  if (out / _SPEC).exists() or (out / _ARRAYS).exists():
+  if any((out / f).exists() for f in (_SPEC, _TENSORS, _ARRAYS)):
     if not overwrite:
       raise FileExistsError(f"{out} already holds saved adapters; pass "
                             "overwrite=True or another path")
@@ -113,10 +144,10 @@ def save_adapters(path, adapters: adapters_lib.AdapterState, *,
   out.mkdir(parents=True, exist_ok=True)
   tree = {"trainable": adapters.trainable, "frozen": adapters.frozen,
           "extra": extra if extra is not None else {}}
-  with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(out / _ARRAYS, tree)
-    ckptr.wait_until_finished()
+  flat = {k: _host(v) for k, v in _flat(tree).items()}
+  (out / _TENSORS).write_bytes(safetensors.numpy.save(flat))
   doc = {"format": FORMAT, **_spec_dict(adapters),
+         "num_stored": int(flat["frozen/num_stored"]),
          "extra": _shapes(extra) if extra is not None else None,
          "metadata": metadata or {}}
   (out / _SPEC).write_text(json.dumps(doc, indent=1, sort_keys=True))
@@ -130,28 +161,34 @@ def read_adapters(path) -> SavedAdapters:
     FileNotFoundError: ``path`` holds no complete save.
     ValueError: ``adapters.json`` is not of this format.
   """
-  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
-
   src = _path(path)
   try:
     doc = json.loads((src / _SPEC).read_text())
   except FileNotFoundError:
     raise FileNotFoundError(f"{src} holds no saved adapters ({_SPEC} is "
                             "missing)") from None
-  if doc.get("format") != FORMAT:
+  if doc.get("format") not in (FORMAT, _ORBAX_FORMAT):
     raise ValueError(f"{src / _SPEC} is not a {FORMAT} file "
                      f"(format {doc.get('format')!r})")
   template = _template(doc)
   extra = _abstract(doc["extra"]) if doc["extra"] is not None else {}
-  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct,
-                          {"trainable": template.trainable,
-                           "frozen": template.frozen, "extra": extra})
-  with ocp.StandardCheckpointer() as ckptr:
-    tree = ckptr.restore(src / _ARRAYS, abstract)
+  shaped = {"trainable": template.trainable, "frozen": template.frozen,
+            "extra": extra}
+  if doc["format"] == FORMAT:
+    tree = _filled(shaped, safetensors.numpy.load((src / _TENSORS).read_bytes()))
+  else:
+    tree = _orbax_restore(src / _ARRAYS, shaped)
   adapters = adapters_lib.pad_current(
       template.replace(trainable=tree["trainable"], frozen=tree["frozen"]))
   return SavedAdapters(adapters, tree["extra"] if doc["extra"] is not None
                        else None, doc["metadata"])
+
+
+def _orbax_restore(directory, shaped):
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, shaped)
+  with ocp.StandardCheckpointer() as ckptr:
+    return ckptr.restore(directory, abstract)
 
 
 def load_adapters(path) -> adapters_lib.AdapterState:

@@ -4,11 +4,13 @@ A tiny run (tests/tiny_config.py) is exported at its last checkpoint and at
 a mid-task one; the timm-layout file, run through the independent float64
 numpy port of timm's forward (tests/test_vit.py) and the exported head,
 gives our logits (the unmerged adapters on the backbone) to 1e-4; with torch
-installed, so does a plain PyTorch forward of the same file.
+installed, so does a plain PyTorch forward of the same file, and with timm and
+PEFT installed, timm's own loading of the folders and PEFT's of the LoRA.
 """
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -21,7 +23,9 @@ import slora_jax as sl
 from experiments import export
 from slora_jax.runner import config as config_lib
 from slora_jax.runner import train
+from slora_jax.models import vit
 from tests import tiny_config
+from tests import torch_interop
 from tests.test_vit import numpy_vit
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -64,11 +68,15 @@ def test_export_cli_matches_our_logits(workdir, tmp_path):
                        text=True, timeout=600)
   assert res.returncode == 0, res.stderr[-2000:]
   cfg = json.load(open(os.path.join(out, "config.json"), encoding="utf-8"))
-  assert cfg["architecture"] == "vit_base_patch8_16"
+  # timm has no name for this size: a registered one, overridden by model_args.
+  assert cfg["architecture"] == "vit_base_patch16_224"
   assert cfg["num_classes"] == 6 and len(cfg["class_order"]) == 6
   assert cfg["model_args"]["embed_dim"] == 16 and cfg["source"]["seed"] == 1993
+  # The model whose numbers results.json reports: task 3's, before end_task.
+  assert cfg["source"]["cursor"] == {"task": 2, "step": 4, "begun": True}
+  assert cfg["source"]["evaluated"]
   images = np.random.default_rng(0).random((3, 16, 16, 3)).astype(np.float32)
-  run = export.load_run(workdir)
+  run = export.load_run(workdir, step=cfg["source"]["checkpoint"])
   with jax.default_matmul_precision("highest"):
     ours = _our_logits(run, images)
   got, sd = _file_logits(out, images)
@@ -76,11 +84,103 @@ def test_export_cli_matches_our_logits(workdir, tmp_path):
   assert sd["head.weight"].shape == (6, 16)
   # The adapters alone travel too, with the head.
   saved = sl.read_adapters(os.path.join(out, "adapters"))
-  assert int(sl.num_stored(saved.adapters)) == 3
+  # Two tasks stored, the third still the current direction, as evaluated.
+  assert int(sl.num_stored(saved.adapters)) == 2
+  assert np.abs(np.asarray(jax.tree.leaves(
+      saved.adapters.trainable["current"])[0])).max() > 0
   np.testing.assert_array_equal(saved.extra["head"]["bias"], run["head"]["bias"])
   if _has_torch():
     np.testing.assert_allclose(_torch_logits(sd, cfg, images), ours,
                                atol=1e-4, rtol=1e-4)
+  # The latest checkpoint (after end_task normalised the direction) is
+  # another function: exporting it was the bug.
+  with jax.default_matmul_precision("highest"):
+    after = _our_logits(export.load_run(workdir), images)
+  assert np.abs(after - ours).max() > 1e-2
+  mode = 0o666 & ~_umask()
+  for d, _, files in os.walk(out):
+    for f in files:
+      assert os.stat(os.path.join(d, f)).st_mode & 0o777 == mode, f
+
+
+def _umask() -> int:
+  mask = os.umask(0o022)
+  os.umask(mask)
+  return mask
+
+
+@pytest.mark.skipif(not torch_interop.available(),
+                    reason="needs torch, torchvision, timm and peft")
+def test_timm_and_peft_reproduce_our_logits(workdir, tmp_path):
+  # timm builds the export from its folder alone, and PEFT applies the
+  # exported LoRA (the merged SD-LoRA update) to the exported backbone.
+  timm, peft = torch_interop.import_timm()
+  import torch  # pylint: disable=import-outside-toplevel
+  out = str(tmp_path / "export")
+  doc = export.export(workdir, out)
+  images = np.random.default_rng(2).random((3, 16, 16, 3)).astype(np.float32)
+  with jax.default_matmul_precision("highest"):
+    ours = _our_logits(export.load_run(workdir, step=doc["source"]["checkpoint"]),
+                       images)
+  x = torch.from_numpy(images).permute(0, 3, 1, 2)
+  merged = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+  env = {}   # README's three lines, as written
+  exec(_readme_snippet().replace("OUT", out), env)  # pylint: disable=exec-used
+  lora = env["model"]
+  assert isinstance(lora, peft.PeftModel)
+  with torch.no_grad():
+    got_merged, got_lora = merged(x).numpy(), lora(x).numpy()
+  np.testing.assert_allclose(got_merged, ours, atol=1e-4, rtol=1e-4)
+  np.testing.assert_allclose(got_lora, ours, atol=1e-4, rtol=1e-4)
+  print(f"timm |diff| {np.abs(got_merged - ours).max():.2e}, "
+        f"timm+peft |diff| {np.abs(got_lora - ours).max():.2e}")
+  # The architecture and model_args alone build the same model.
+  again = timm.create_model(doc["architecture"], num_classes=6,
+                            **doc["model_args"])
+  assert {k: v.shape for k, v in again.state_dict().items()} == {
+      k: v.shape for k, v in merged.state_dict().items()}
+
+
+def _readme_snippet() -> str:
+  text = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+  section = text.split("### Exporting to PyTorch", 1)[1]
+  return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+
+
+@pytest.mark.skipif(not torch_interop.available(),
+                    reason="needs torch, torchvision, timm and peft")
+def test_vit_b16_gets_timms_own_name():
+  timm, _ = torch_interop.import_timm()
+  assert all(timm.is_model(n) for n in export.TIMM_REGISTERED)
+  cfg = vit.ViTConfig(image_size=224, patch_size=16, width=768, depth=12,
+                      num_heads=12, mlp_dim=3072)
+  doc = export.timm_config(cfg, 10, "none")
+  assert doc["architecture"] == "vit_base_patch16_224"
+
+
+@pytest.mark.skipif(not torch_interop.available(),
+                    reason="needs torch, torchvision, timm and peft")
+def test_a_vit_b16_folder_loads_as_local_dir(tmp_path):
+  # One block keeps it cheap; the name stays timm's ViT-B/16.
+  timm, _ = torch_interop.import_timm()
+  import torch  # pylint: disable=import-outside-toplevel
+  cfg = vit.ViTConfig(image_size=224, patch_size=16, width=768, depth=1,
+                      num_heads=12, mlp_dim=3072)
+  params = vit.init_params(cfg, jax.random.key(0))
+  rng = np.random.default_rng(3)
+  head = {"kernel": rng.normal(size=(768, 5)).astype(np.float32),
+          "bias": rng.normal(size=5).astype(np.float32)}
+  doc = export.timm_config(cfg, 5, "imagenet")
+  export._write_timm(str(tmp_path), params, head, 5, cfg, doc)  # pylint: disable=protected-access
+  model = timm.create_model(f"local-dir:{tmp_path}", pretrained=True).eval()
+  image = rng.random((1, 224, 224, 3)).astype(np.float32)
+  with jax.default_matmul_precision("highest"):
+    feats = vit.VisionTransformer(cfg).apply({"params": params}, image)
+  ours = np.asarray(sl.apply_head(jax.tree.map(jax.numpy.asarray, head), feats))
+  with torch.no_grad():
+    got = model(torch.from_numpy(image).permute(0, 3, 1, 2)).numpy()
+  np.testing.assert_allclose(got, ours, atol=1e-4, rtol=1e-4)
+  assert model.pretrained_cfg["mean"] == [0.485, 0.456, 0.406]
 
 
 def test_mid_task_checkpoint_exports_the_classes_seen(workdir, tmp_path):

@@ -1,8 +1,13 @@
 """`slora_jax.save_adapters` / `load_adapters`: the adapter state alone."""
 
+import json
+import os
+
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
+import safetensors.numpy
 
 import slora_jax as sl
 from slora_jax.models import vit
@@ -70,3 +75,36 @@ def test_a_save_with_a_narrow_current_pair_loads_padded(tmp_path):
   for a, b in zip(jax.tree.leaves(st), jax.tree.leaves(back)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   assert back.rank == 3
+
+
+def test_files_read_without_jax_or_orbax(tmp_path):
+  # The arrays are one safetensors file beside the JSON spec: numpy and json
+  # read them, and B·A from them is the stored direction of the state.
+  _, st = _state()
+  sl.save_adapters(tmp_path / "d", st)
+  assert sorted(os.listdir(tmp_path / "d")) == ["adapters.json",
+                                                "adapters.safetensors"]
+  doc = json.loads((tmp_path / "d" / "adapters.json").read_text())
+  assert doc["num_stored"] == 1 and doc["policy"]["normalize_current"]
+  flat = safetensors.numpy.load_file(str(tmp_path / "d" / "adapters.safetensors"))
+  name = doc["targets"][0]["name"]
+  np.testing.assert_array_equal(
+      flat[f"frozen/previous/{name}/A"],
+      np.asarray(st.frozen["previous"][name]["A"]))
+  assert flat["trainable/magnitudes/previous"].shape == (3,)
+
+
+def test_reads_the_earlier_orbax_format(tmp_path):
+  _, st = _state()
+  sl.save_adapters(tmp_path / "e", st, metadata={"run": "old"})
+  doc = json.loads((tmp_path / "e" / "adapters.json").read_text())
+  (tmp_path / "e" / "adapters.safetensors").unlink()
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(tmp_path / "e" / "arrays", {"trainable": st.trainable,
+                                           "frozen": st.frozen, "extra": {}})
+  doc["format"] = "slora_jax.adapters/1"
+  (tmp_path / "e" / "adapters.json").write_text(json.dumps(doc))
+  back = sl.read_adapters(tmp_path / "e")
+  assert back.metadata == {"run": "old"} and back.adapters.spec == st.spec
+  for a, b in zip(jax.tree.leaves(st), jax.tree.leaves(back.adapters)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -35,6 +35,10 @@ def base() -> ml_collections.ConfigDict:
   c.adapter = _adapter()
   c.train = _train()
   c.checkpoint = ml_collections.ConfigDict(dict(keep=2, every_steps=200))
+  # Metric writers: TensorBoard events, and a W&B run when wandb_project is
+  # set (wandb_mode: '' = W&B's default / WANDB_MODE, 'online', 'offline').
+  c.log = ml_collections.ConfigDict(dict(
+      tensorboard=True, wandb_project="", wandb_entity="", wandb_mode=""))
   return c
 
 

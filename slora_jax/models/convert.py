@@ -41,7 +41,7 @@ __all__ = [
     "CheckpointMismatchError", "UnreadableCheckpointError", "load_pretrained",
     "load_timm_safetensors", "from_timm_state_dict", "save_timm_safetensors",
     "load_big_vision_npz", "save_big_vision_npz",
-    "to_split_qkv", "to_fused_qkv",
+    "to_split_qkv", "to_fused_qkv", "to_timm_arrays",
 ]
 
 log = logging.getLogger(__name__)
@@ -460,6 +460,11 @@ def _from_timm(flat: dict[str, np.ndarray], path, config) -> dict:
                           _TIMM_IGNORED)
 
 
+def to_timm_arrays(params: Any, config: vit_lib.ViTConfig) -> dict:
+  """``params`` as timm's state dict of float32 numpy arrays (no head)."""
+  return _to_checkpoint(params, config, _timm_rules(config))
+
+
 def save_timm_safetensors(params: Any, path: PathLike,
                           config: vit_lib.ViTConfig) -> None:
   """Writes ``params`` as a timm ``model.safetensors`` (without a head).
@@ -472,7 +477,7 @@ def save_timm_safetensors(params: Any, path: PathLike,
   Raises:
     CheckpointMismatchError: ``params`` does not fit ``config``.
   """
-  flat = _to_checkpoint(params, config, _timm_rules(config))
+  flat = to_timm_arrays(params, config)
   # 'format: pt' is what timm/transformers expect of torch-origin files.
   _file(path).write_bytes(safetensors.numpy.save(flat,
                                                  metadata={"format": "pt"}))

@@ -176,6 +176,21 @@ class CheckpointSettings:
 
 
 @dataclasses.dataclass(frozen=True)
+class LogSettings:
+  """Where metrics go (`slora_jax.runner.writers`); never a number's value."""
+  tensorboard: bool           # WORKDIR/seed_<seed>/tensorboard/
+  wandb_project: str          # '': no Weights & Biases run
+  wandb_entity: str           # '': W&B's default entity
+  wandb_mode: str             # '' (W&B's default, WANDB_MODE) | online | offline
+
+
+# A config saved before the log section existed (results.json, config.json of
+# older runs) reads as TensorBoard only, what those runs wrote.
+_LOG_DEFAULTS = {"tensorboard": True, "wandb_project": "", "wandb_entity": "",
+                 "wandb_mode": ""}
+
+
+@dataclasses.dataclass(frozen=True)
 class Experiment:
   """A whole validated config. ``raw`` is the config as a plain dict (for
   results.json); nothing reads settings from it."""
@@ -191,6 +206,7 @@ class Experiment:
   adapter: AdapterSettings
   train: TrainSettings
   checkpoint: CheckpointSettings
+  log: LogSettings
   raw: dict = dataclasses.field(compare=False, repr=False)
 
   def policy(self) -> policy_lib.Policy:
@@ -259,6 +275,7 @@ def from_config(config) -> Experiment:
   """
   raw = config.to_dict() if hasattr(config, "to_dict") else dict(config)
   d = dict(config.items())
+  d.setdefault("log", dict(_LOG_DEFAULTS))
   try:
     method = methods_lib.get_method(str(d.pop("method", "")))
     policy_lib.get_policy(str(d.get("semantics", "")))
@@ -296,6 +313,9 @@ def _validate(exp: Experiment) -> None:
            f"checkpoint to resume from), got {c.keep}")
   _require(c.every_steps >= 1, "checkpoint.every_steps must be at least 1, "
            f"got {c.every_steps}")
+  _require(exp.log.wandb_mode in ("", "online", "offline"),
+           "log.wandb_mode must be '', 'online' or 'offline', got "
+           f"{exp.log.wandb_mode!r}")
   _check_adapter(exp, _vit_config(exp.model))
 
 

@@ -25,8 +25,8 @@ from slora_jax.runner import config as config_lib
 from slora_jax.runner import experiment_data
 from slora_jax.runner import metrics
 from slora_jax.runner import parallel
-from slora_jax.runner import paths
 from slora_jax.runner import steps as steps_lib
+from slora_jax.runner import writers as writers_lib
 from slora_jax.runner.data import manifest as manifest_lib
 
 __all__ = ["Cursor", "Session", "Progress", "open_session", "fingerprint",
@@ -74,7 +74,7 @@ class Session:
   eval_step: Callable
   merge: Callable
   ckpt: ckpt_lib.Checkpointer
-  writer: EventWriter | None             # process 0 only
+  writer: writers_lib.MetricWriter | None  # process 0 only
   fingerprint: dict
   task_of_class: jax.Array
   width: int
@@ -105,6 +105,10 @@ NOT_FINGERPRINTED = {
     "checkpoint.keep": "how many checkpoints stay on disk",
     "checkpoint.every_steps": "where a run can resume; a resumed run reaches "
                               "the uninterrupted numbers",
+    "log.tensorboard": "where metrics are written",
+    "log.wandb_project": "where metrics are written",
+    "log.wandb_entity": "where metrics are written",
+    "log.wandb_mode": "where metrics are written",
 }
 
 # 2: every field not in NOT_FINGERPRINTED (1: a few fields of each section).
@@ -137,32 +141,15 @@ def fingerprint(exp: config_lib.Experiment, seed: int, order,
   return out
 
 
-class EventWriter:
-  """TensorBoard events of process 0, opened at the first scalar: a run
-  refused before it trains (e.g. another config's checkpoint) writes none."""
-
-  def __init__(self, directory: str):
-    self._directory, self._writer = directory, None
-
-  def add_scalar(self, tag: str, value: float, step: int) -> None:
-    if self._writer is None:
-      from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
-      self._writer = SummaryWriter(self._directory)
-    self._writer.add_scalar(tag, value, step)
-
-  def flush(self) -> None:
-    if self._writer is not None:
-      self._writer.flush()
-
-  def close(self) -> None:
-    if self._writer is not None:
-      self._writer.close()
-
-
-def _writer(workdir: str) -> EventWriter | None:
+def _writer(exp: config_lib.Experiment, seed: int,
+            workdir: str) -> writers_lib.MetricWriter | None:
   if jax.process_index() != 0:
     return None
-  return EventWriter(paths.tensorboard_dir(paths.join(workdir, "tensorboard")))
+  writer = writers_lib.create(exp.log, workdir, seed)
+  if writer is not None:
+    writer.write_hparams(writers_lib.flat_hparams(
+        config_lib.settings_dict(exp) | {"seed": seed}))
+  return writer
 
 
 def open_session(exp: config_lib.Experiment, seed: int, workdir: str) -> Session:
@@ -194,7 +181,7 @@ def open_session(exp: config_lib.Experiment, seed: int, workdir: str) -> Session
       eval_step=steps_lib.make_eval_step(apply_fn, n_cls, data.num_tasks),
       merge=jax.jit(sl.merge),
       ckpt=ckpt_lib.Checkpointer(workdir, keep=exp.checkpoint.keep),
-      writer=_writer(workdir),
+      writer=_writer(exp, seed, workdir),
       fingerprint=fingerprint(exp, seed, data.class_order, data.task_sizes),
       task_of_class=jnp.asarray(metrics.class_to_task(data.task_sizes)),
       width=model_cfg.width, t_start=t_start)

@@ -223,8 +223,27 @@ def _check_step(s: Session, state: Progress, m: dict, task: int, step: int,
     if step % every == 0:
       bar.set_postfix(loss=f"{loss:.3f}", acc=f"{float(m['accuracy']):.2f}")
       if s.writer is not None:
-        for k, v in m.items():
-          s.writer.add_scalar(f"train/task{task}/{k}", float(v), step)
+        epoch = step // s.data.steps(task)[0]
+        s.writer.write_scalars(global_step(s, task, step + 1), {
+            **{f"train/{k}": float(v) for k, v in m.items()},
+            "train/lr": s.exp.train.learning_rate(task, epoch),
+            "train/task": task + 1, **_alphas(state.adapters)})
+
+
+def global_step(s: Session, task: int, steps: int) -> int:
+  """Training steps of the whole run after ``steps`` steps of ``task``: the
+  metric writers' one step axis across tasks."""
+  return sum(s.data.steps(k)[1] for k in range(task)) + steps
+
+
+def _alphas(adapters: sl.AdapterState) -> dict[str, float]:
+  """``alpha/task<i>``: each trained direction's magnitude (1-based tasks)."""
+  mags = adapters.trainable["magnitudes"]
+  n = int(sl.num_stored(adapters))
+  out = {f"alpha/task{i + 1}": float(a)
+         for i, a in enumerate(np.asarray(mags["previous"])[:n])}
+  out[f"alpha/task{n + 1}"] = float(mags["current"])
+  return out
 
 
 def train_task(s: Session, state: Progress, t: int):
@@ -298,7 +317,13 @@ def evaluate_task(s: Session, state: Progress, t: int, timing: dict) -> dict:
   }
   print(report.task_line(record, s.num_phases), flush=True)
   if s.writer:
-    s.writer.add_scalar("eval/top1", ev["top1_sample_weighted"], t)
+    s.writer.write_scalars(global_step(s, t, s.data.steps(t)[1]), {
+        "eval/top1": ev["top1_sample_weighted"],
+        "eval/top1_task_mean": ev["top1_task_mean"],
+        "eval/top5": ev["top5_sample_weighted"],
+        **{f"eval/top1_task{k + 1}": v
+           for k, v in enumerate(ev["top1_per_task"])},
+        **_alphas(state.adapters)})
     s.writer.flush()
   return record
 

@@ -1,0 +1,1 @@
+"""Adapters in other libraries' formats (no torch needed to write them)."""
