@@ -20,12 +20,20 @@ def _state(qkv: str):
   rules = (*sl.vit_qv_rules(qkv), sl.kernel(r"blocks_\d+/mlp/fc1/kernel"))
   st = sl.init_adapters(params, rules, capacity=3, max_rank=4,
                         policy=sl.paper())
-  bump = lambda s: s.replace(trainable=jax.tree.map(lambda x: x + 0.3,
-                                                    s.trainable))
-  st, _ = sl.end_task(bump(sl.begin_task(st, jax.random.key(1), 4)))
-  st, _ = sl.end_task(bump(sl.begin_task(st, jax.random.key(2), 2)))
+
+  def bump(s, rank):
+    # As training moves them: the pair's first `rank` rows and columns (the
+    # rest of the max_rank-wide pair stays zero) and the magnitudes.
+    cur = {n: {"A": p["A"].at[:rank].add(0.3), "B": p["B"].at[:, :rank].add(0.3)}
+           for n, p in s.trainable["current"].items()}
+    mags = jax.tree.map(lambda x: x + 0.3, s.trainable["magnitudes"])
+    return s.replace(trainable={**s.trainable, "current": cur,
+                                "magnitudes": mags})
+
+  st, _ = sl.end_task(bump(sl.begin_task(st, jax.random.key(1), 4), 4))
+  st, _ = sl.end_task(bump(sl.begin_task(st, jax.random.key(2), 2), 2))
   # A task in training: its current direction is part of the update too.
-  return cfg, params, bump(sl.begin_task(st, jax.random.key(3), 3))
+  return cfg, params, bump(sl.begin_task(st, jax.random.key(3), 3), 3)
 
 
 @pytest.mark.parametrize("qkv", ["fused", "split"])

@@ -59,8 +59,9 @@ def lora_factors(adapters: adapters_lib.AdapterState
     cur = adapters.trainable["current"][t.name]
     if np.any(np.asarray(cur["B"])):
       scale = adapters_lib.current_scale(adapters, cur["A"], cur["B"])
-      a_parts.append(np.asarray(cur["A"]))
-      b_parts.append(np.asarray(cur["B"]) * np.asarray(scale))
+      r = adapters.rank        # the pair is max_rank wide, zero past the rank
+      a_parts.append(np.asarray(cur["A"])[:r])
+      b_parts.append(np.asarray(cur["B"])[:, :r] * np.asarray(scale))
     if not a_parts:
       a_parts = [np.zeros((1, t.d_in), np.float32)]
       b_parts = [np.zeros((t.d_out, 1), np.float32)]
