@@ -175,22 +175,24 @@ def _low_rank_cov(rng, d, k):
   return (x.T @ x / k).astype(np.float32)
 
 
-def test_memory_update_matches_official_branches():
+@pytest.mark.parametrize("thresh", [0.9, 0.95, 0.97, 0.99])
+def test_memory_update_matches_official_branches(thresh):
   rng = np.random.default_rng(7)
   d = 16
   port = _port(random_timm_state_dict(CFG))
   port.feature_list, port.project_type = [], []
-  ours = [None]
+  ours, kinds = [None], []
   # remove (first) → remove grows → switch to retain → retain shrinks.
-  for t, k in enumerate((5, 6, 12, 12)):
+  for t, k in enumerate((5, 6, 12, 12, 14)):
     cov = _low_rank_cov(rng, d, k)
-    ours = inflora.update_memory(ours, [cov], 0.97)
-    port.update_memory([torch.tensor(cov)], 0.97)
+    ours = inflora.update_memory(ours, [cov], thresh)
+    port.update_memory([torch.tensor(cov)], thresh)
     (want,), (kind,) = port.feature_list, port.project_type
     assert ours[0].basis.shape == want.shape, t
     assert ours[0].retain == (kind == "retain"), t
     _close(ours[0].basis @ ours[0].basis.T, want @ want.T, d * d)
-  assert ours[0].retain
+    kinds.append((ours[0].basis.shape[1], ours[0].retain))
+  assert kinds[0][1] is False and kinds[-1][1] is True, kinds
 
 
 def test_wide_first_retain_memory_raises_as_the_official_assert():
