@@ -115,15 +115,18 @@ class InfLoRAViT:
       self.lora[task][i]["A_v"] = a.clone()
 
   def train(self, task, batches, epochs, lr):
-    """Adam on B_k, B_v and the task's head; lr cosine stepped per epoch."""
+    """Adam on B_k, B_v and the task's head; the lagging per-epoch cosine."""
     params = [self.lora[task][i][n].requires_grad_(True)
               for i in range(self.depth) for n in ("B_k", "B_v")]
     hw, hb = (p.clone().requires_grad_(True) for p in self.heads_w[task])
     opt = torch.optim.Adam(params + [hw, hb], lr=lr, betas=(0.9, 0.999))
     losses = []
     for e in range(epochs):
+      # The official scheduler's counter restarts after its constructor's
+      # step, so epoch e uses the formula's epoch e − 1 (epoch 0: e = 0).
+      lag = max(e - 1, 0)
       for g in opt.param_groups:
-        g["lr"] = lr * math.cos(99 * math.pi * e / (200 * max(epochs - 1, 1)))
+        g["lr"] = lr * math.cos(99 * math.pi * lag / (200 * max(epochs - 1, 1)))
       for images, labels in batches:
         logits = F.linear(self.features(images, task), hw, hb)
         target = torch.tensor(np.asarray(labels)).long() - task * self.cpt

@@ -57,7 +57,7 @@ def _port(sd, head=None):
                                   head_init=init)
 
 
-def _method(epochs=2, lr=1e-2):
+def _method(epochs=2, lr=2e-3):
   config = methods_inflora.InfLoRAConfig(rank=RANK, init_epochs=epochs,
                                          epochs=epochs, init_lr=lr, lr=lr)
   return methods_inflora.InfLoRA(vit.VisionTransformer(CFG), config)
@@ -145,10 +145,10 @@ def test_two_task_trajectory_matches(case):
   for t in range(TASKS):
     state, losses = method_api.run_task(method, state, _task(t, batches))
     port.design(t, port.collect(batches[t], task=t))
-    want_losses = port.train(t, batches[t], epochs=2, lr=1e-2)
+    want_losses = port.train(t, batches[t], epochs=2, lr=2e-3)
     thresh = inflora.threshold(t, TASKS, 0.95, 1.0)
     port.update_memory(port.collect(batches[t], task=t), thresh)
-    assert len(losses) == 4 and losses[-1] < losses[0]
+    assert len(losses) == 4 and sum(losses[2:]) < sum(losses[:2])  # it learns
     _close(losses, want_losses, 8 * D)
     # The merged update of each layer equals Σ_{i≤t} B_i A_i (k and v).
     tgts = inflora.find_targets(params)

@@ -66,12 +66,15 @@ PRESETS = {
 
 
 def cosine_epoch_schedule(base: float, epochs: int, steps_per_epoch: int):
-  """The official CosineSchedule: ``base·cos(99π·e / (200(K−1)))`` in epoch e.
+  """The official CosineSchedule as it runs: epoch e ≥ 1 trains at
+  ``base·cos(99π·(e−1) / (200(K−1)))``, epoch 0 at ``base``.
 
-  (K = 1 divides by zero there; here the lr stays ``base``.)
+  Its constructor sets the epoch-0 lr and then resets its counter, so the
+  first ``step()`` repeats epoch 0's lr: the cosine lags one epoch behind its
+  formula. (K = 1 divides by zero there; here the lr stays ``base``.)
   """
   def lr(step):
-    e = step // steps_per_epoch
+    e = jnp.maximum(step // steps_per_epoch - 1, 0)
     return base * jnp.cos(99 * math.pi * e / (200 * max(epochs - 1, 1)))
   return lr
 
