@@ -199,3 +199,12 @@ def test_wide_first_retain_memory_raises_as_the_official_assert():
   cov = np.eye(8, dtype=np.float32)
   with pytest.raises(ValueError, match="official update_DualGPM"):
     inflora.update_memory([None], [cov], 0.95)
+
+
+def test_lr_schedule_lags_one_epoch_as_the_official_scheduler():
+  lr = methods_inflora.cosine_epoch_schedule(1.0, epochs=5, steps_per_epoch=2)
+  got = [float(lr(s)) for s in range(10)]
+  # Epochs 0 and 1 at the base lr, then cos(99π·(e−1)/(200·4)).
+  want = [1, 1, 1, 1] + [np.cos(99 * np.pi * e / 800) for e in (1, 1, 2, 2, 3, 3)]
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+  assert got[-1] > 0.2     # the last epoch is not at the formula's end (0.016)
