@@ -80,7 +80,8 @@ class InfLoRAViT:
     t = F.conv2d(x, w["patch_embed.proj.weight"], w["patch_embed.proj.bias"],
                  stride=w["patch_embed.proj.weight"].shape[-1])
     t = t.flatten(2).transpose(1, 2)
-    t = torch.cat([w["cls_token"].expand(len(t), -1, -1), t], 1) + w["pos_embed"]
+    t = torch.cat([w["cls_token"].expand(len(t), -1, -1), t], 1)
+    t = t + w["pos_embed"]
     for i in range(self.depth):
       p = f"blocks.{i}."
       t = t + self._attention(self._ln(t, p + "norm1"), i, task, collect)
@@ -92,7 +93,8 @@ class InfLoRAViT:
   def logits(self, images, task):
     """All heads up to ``task`` concatenated (the official ``interface``)."""
     f = self.features(images, task)
-    return torch.cat([F.linear(f, *self.heads_w[t]) for t in range(task + 1)], 1)
+    return torch.cat([F.linear(f, *self.heads_w[t])
+                      for t in range(task + 1)], 1)
 
   def collect(self, batches, task):
     with torch.no_grad():

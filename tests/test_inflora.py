@@ -101,7 +101,8 @@ def test_forward_and_gradients_match(case):
   assert [t.name[-3:] for t in tgts] == ["[k]", "[v]"] * 2
   a = {p: (rng.normal(size=(RANK, D)) / 8).astype(np.float32)
        for p in inflora.layer_paths(tgts)}
-  b = {t.name: (rng.normal(size=(D, RANK)) / 8).astype(np.float32) for t in tgts}
+  b = {t.name: (rng.normal(size=(D, RANK)) / 8).astype(np.float32)
+       for t in tgts}
   head = head_lib.init_head(jax.random.key(0), D, TASKS * CPT)
   port = _port(sd, head)
   for i, p in enumerate(a):
@@ -116,11 +117,13 @@ def test_forward_and_gradients_match(case):
           {"b": b, "head": head})
   hw, hb = (x.requires_grad_(True) for x in port.heads_w[1])
   feats = port.features(images, task=1)
-  want = torch.nn.functional.cross_entropy(
-      torch.nn.functional.linear(feats, hw, hb), torch.tensor(labels - 2).long())
+  tf = torch.nn.functional
+  want = tf.cross_entropy(tf.linear(feats, hw, hb),
+                          torch.tensor(labels - 2).long())
   want.backward()
-  got_feats = jax.jit(lambda ar: method._features(method._adapted(ar), images))(  # pylint: disable=protected-access
-      arrays)
+  # pylint: disable-next=protected-access
+  adapted = lambda ar: method._features(method._adapted(ar), images)
+  got_feats = jax.jit(adapted)(arrays)
   _close(got_feats, feats.detach().numpy(), D)
   _close(loss, want.item(), D)
   for i, p in enumerate(a):
@@ -153,8 +156,9 @@ def test_two_task_trajectory_matches(case):
     # The merged update of each layer equals Σ_{i≤t} B_i A_i (k and v).
     tgts = inflora.find_targets(params)
     for i, tg in enumerate(tgts):
-      w = np.asarray(state.arrays["params"][f"blocks_{i // 2}"]["attn"]["qkv"][
-          "kernel"]) - np.asarray(base[f"blocks_{i // 2}"]["attn"]["qkv"]["kernel"])
+      qkv = lambda tree: np.asarray(tree[f"blocks_{i // 2}"]["attn"]["qkv"][
+          "kernel"])
+      w = qkv(state.arrays["params"]) - qkv(base)
       lo, hi = tg.cols
       kv = "B_k" if tg.name.endswith("[k]") else "B_v"
       want = sum(port.lora[s][i // 2][kv] @ port.lora[s][i // 2]["A" + kv[1:]]
@@ -205,6 +209,7 @@ def test_lr_schedule_lags_one_epoch_as_the_official_scheduler():
   lr = methods_inflora.cosine_epoch_schedule(1.0, epochs=5, steps_per_epoch=2)
   got = [float(lr(s)) for s in range(10)]
   # Epochs 0 and 1 at the base lr, then cos(99π·(e−1)/(200·4)).
-  want = [1, 1, 1, 1] + [np.cos(99 * np.pi * e / 800) for e in (1, 1, 2, 2, 3, 3)]
+  want = [1, 1, 1, 1] + [np.cos(99 * np.pi * e / 800)
+                         for e in (1, 1, 2, 2, 3, 3)]
   np.testing.assert_allclose(got, want, rtol=1e-6)
   assert got[-1] > 0.2     # the last epoch is not at the formula's end (0.016)

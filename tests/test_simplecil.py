@@ -1,4 +1,4 @@
-"""SimpleCIL against the official arithmetic (a torch port) on the same features."""
+"""SimpleCIL against the official arithmetic (a torch port), same features."""
 
 import numpy as np
 import pytest
@@ -65,7 +65,8 @@ def test_plugin_keeps_earlier_prototypes_and_trains_nothing():
                            lambda t=t: batches[t])
     state, losses = method_api.run_task(method, state, task)
     assert losses == []
-  feats = np.concatenate([np.asarray(model.apply({"params": params}, b[0][0]))
+  apply = jax.jit(model.apply)
+  feats = np.concatenate([np.asarray(apply({"params": params}, b[0][0]))
                           for b in batches])
   labels = np.concatenate([b[0][1] for b in batches])
   want_w, want = torch_inflora.simplecil_logits(feats, labels, range(4), feats)

@@ -4,7 +4,7 @@ Every adapted layer (a block's fused qkv kernel; its k and v columns are the
 targets) gets, for task t, one ``A_t`` of shape ``(r, d_in)`` shared by its
 targets and one trainable ``B_t`` of shape ``(d_out, r)`` per target:
 
-    W_target = W0 + Σ_{i<t} (B_i A_i)ᵀ + (B_t A_t)ᵀ      (kernel layout d_in×d_out)
+    W_target = W0 + Σ_{i<t} (B_i A_i)ᵀ + (B_t A_t)ᵀ    (kernel layout, d_in×d_out)
 
 Before task t, ``A_t`` is the top-r left singular vectors (over √3) of the
 layer's mean input covariance with the earlier tasks' subspace (the DualGPM
@@ -44,7 +44,7 @@ _HI = jax.lax.Precision.HIGHEST   # no TF32/bf16 passes in the statistics
 
 
 def find_targets(params: Any, rules=DEFAULT_RULES):
-  """The adapted maps (`slora_jax.Target`s) that ``rules`` select, block order."""
+  """The adapted maps (`slora_jax.Target`s) ``rules`` select, in block order."""
   return targets_lib.find_targets(params, rules)
 
 
@@ -106,7 +106,7 @@ def mean_covariances(moments: dict) -> dict[str, jax.Array]:
 
 def design_a(cov: jax.Array, proj: jax.Array, retain: jax.Array | bool,
              rank: int) -> jax.Array:
-  """A ``(rank, d)``: top left singular vectors of the projected covariance, /√3.
+  """A ``(rank, d)``: top left singular vectors of the projected cov., /√3.
 
   ``M = P·cov`` when the memory is of the 'retain' kind (``P`` projects onto
   what may still change), else ``M = cov − P·cov`` (``P`` onto what is
@@ -128,7 +128,7 @@ def zero_b(targets: Sequence[targets_lib.Target], rank: int) -> dict:
 
 
 def lora_deltas(targets, a: dict, b: dict) -> dict[str, jax.Array]:
-  """``{name: (B Aᵀ…)ᵀ}``: each target's update ``Aᵀ Bᵀ`` in kernel layout."""
+  """``{name: Aᵀ Bᵀ}``: each target's update ``(B A)ᵀ`` in kernel layout."""
   return {t.name: jnp.einsum("rd,or->do", a[t.path], b[t.name], precision=_HI)
           for t in targets}
 

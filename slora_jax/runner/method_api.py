@@ -101,7 +101,7 @@ def _train_step(method, keys, tx):
 
 def run_task(method: MethodPlugin, state: MethodState,
              task: Task) -> tuple[MethodState, list[float]]:
-  """One task through the plug-in contract; returns the state and step losses."""
+  """One task through the plug-in contract; returns the state, step losses."""
   state = method.before_task(state, task)
   keys, epochs = method.trainable(task), method.epochs(task)
   losses = []

@@ -97,15 +97,16 @@ class InfLoRA:
 
   def init_state(self, rng, params, num_classes) -> MethodState:
     tgts = inflora.find_targets(params, self.rules)
-    dim = jax.eval_shape(self._features, params, self._probe(params)).shape[-1]
-    arrays = {"params": params, "head": head_lib.init_head(rng, dim, num_classes),
-              "a": {p: jnp.zeros((self.config.rank, tgts[0].d_in), jnp.float32)
-                    for p in inflora.layer_paths(tgts)},
+    dim = jax.eval_shape(self._features, params, self._probe()).shape[-1]
+    arrays = {"params": params,
+              "head": head_lib.init_head(rng, dim, num_classes),
+              "a": {t.path: jnp.zeros((self.config.rank, t.d_in), jnp.float32)
+                    for t in tgts},
               "b": inflora.zero_b(tgts, self.config.rank)}
     return MethodState(arrays, {"memory": {p: None for p in arrays["a"]}})
 
-  def _probe(self, params):
-    del params  # the model's config knows the image shape
+  def _probe(self):
+    """One blank image of the shape the model's config names."""
     c = self.model.config
     return jnp.zeros((1, c.image_size, c.image_size, c.in_chans), jnp.float32)
 
@@ -163,7 +164,8 @@ class InfLoRA:
     logits = head_lib.apply_head(arrays["head"], feats)
     mask = head_lib.class_mask(lo, hi, logits.shape[-1])
     logits = head_lib.masked_logits(logits, mask)
-    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    return optax.softmax_cross_entropy_with_integer_labels(logits,
+                                                           labels).mean()
 
   def after_task(self, state, task: Task) -> MethodState:
     arrays = state.arrays

@@ -27,6 +27,11 @@ class SimpleCIL:
 
   def __init__(self, model: nn.Module):
     self.model = model
+    self._jit_sums = jax.jit(self._sums, static_argnums=3)  # once per run
+
+  def _sums(self, params, images, labels, num_classes):
+    return simplecil.class_sums(self._features(params, images), labels,
+                                num_classes)
 
   def _features(self, params, images):
     return self.model.apply({"params": params}, images)
@@ -60,14 +65,10 @@ class SimpleCIL:
 
   def after_task(self, state, task: Task) -> MethodState:
     arrays = state.arrays
-
-    @jax.jit
-    def sums(images, labels):
-      return simplecil.class_sums(self._features(arrays["params"], images),
-                                  labels, task.num_classes)
     total = None
     for images, labels in task.plain_batches():
-      total = simplecil.add_class_sums(total, sums(images, labels))
+      total = simplecil.add_class_sums(total, self._jit_sums(
+          arrays["params"], images, labels, task.num_classes))
     new = head_lib.class_mask(task.lo, task.hi, task.num_classes)
     protos = simplecil.set_prototypes(arrays["protos"], total, new)
     return dataclasses.replace(state, arrays={**arrays, "protos": protos})
