@@ -62,3 +62,21 @@ def test_four_devices_match_one_device():
                      capture_output=True, text=True, timeout=600)
   assert r.returncode == 0, r.stdout + r.stderr
   assert "OK" in r.stdout
+
+
+def test_config_validation_leaves_the_backend_alone():
+  """The runner validates its config before `jax.distributed.initialize()`,
+  which refuses to run once any JAX call has started the XLA backend."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  code = textwrap.dedent("""
+      import sys
+      sys.path.insert(0, "tests")
+      import tiny_config
+      from jax._src import xla_bridge
+      from slora_jax.runner import config
+      config.from_config(tiny_config.get_config())
+      print(xla_bridge.backends_are_initialized())
+  """)
+  out = subprocess.run([sys.executable, "-c", code], cwd=root, check=True,
+                       capture_output=True, text=True).stdout.strip()
+  assert out == "False"

@@ -323,8 +323,11 @@ def _init(config: ViTConfig, rng: jax.Array) -> dict:
 @functools.lru_cache(maxsize=32)
 def _abstract_params_cached(config: ViTConfig):
   model = VisionTransformer(config)
-  return jax.eval_shape(model.init, jax.random.key(0),
-                        _dummy_images(config))["params"]
+  # Everything inside the traced function: a concrete key or image would
+  # start the XLA backend, after which jax.distributed.initialize() fails
+  # (the runner validates its config before it initialises).
+  return jax.eval_shape(
+      lambda: model.init(jax.random.key(0), _dummy_images(config)))["params"]
 
 
 def abstract_params(config: ViTConfig) -> dict:
