@@ -7,13 +7,16 @@ place. The subprocesses share a persistent XLA compilation cache: only the
 first one compiles.
 """
 
+import os
 import re
+import shutil
 import signal
 
 import pytest
 
-from cli_util import (cli_env, error_line, outcome, run_cli, tail,
+from cli_util import (SEED_DIR, cli_env, error_line, outcome, run_cli, tail,
                       tmp_checkpoints)
+from test_checkpoint import _corrupt
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +45,12 @@ KILLS = [
 
 
 def _resumed_at(r):
-  m = re.search(r"resuming at task (\d+) step (\d+)", r.stderr)
-  return (int(m.group(1)), int(m.group(2))) if m else None
+  """(0-based task, step) of the ``resuming`` line (tasks there count from 1)."""
+  m = re.search(r"resuming at task (\d+)/3, step (\d+)/4 from", r.stderr)
+  if m:
+    return int(m.group(1)) - 1, int(m.group(2))
+  m = re.search(r"resuming after task (\d+)/3 from", r.stderr)
+  return (int(m.group(1)), 0) if m else None
 
 
 def test_sigkill_at_ten_points_then_resume_gives_identical_results(
@@ -86,3 +93,29 @@ def test_diverging_loss_stops_keeps_last_good_checkpoint(reference, env,
   assert r.returncode == 0, tail(r)
   assert _resumed_at(r) == (1, 0)
   assert outcome(tmp_path) == reference
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(
+    reference, env, tmp_path):
+  # Killed between tasks 2 and 3: checkpoint 6 (task 2 finished) is the
+  # latest, 5 (task 2 trained, evaluation pending) the one before (keep=2).
+  first = tmp_path / "first"
+  r = run_cli(env, first, kill="between_tasks:2")
+  assert r.returncode == -signal.SIGKILL, tail(r)
+  for kind in ("truncated", "flipped", "meta_cut", "metadata_emptied"):
+    workdir = tmp_path / kind
+    shutil.copytree(first, workdir)
+    ckpts = workdir / SEED_DIR / "checkpoints"
+    assert sorted(n for n in os.listdir(ckpts) if n.isdigit()) == ["5", "6"]
+    _corrupt(ckpts / "6", kind)
+    r = run_cli(env, workdir)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, f"{kind}: {tail(r)}"
+    lines = [l for l in r.stderr.splitlines() if " is corrupt " in l]
+    aside = workdir / SEED_DIR / "checkpoints_corrupt" / "6"
+    assert len(lines) == 1 and lines[0].startswith(
+        f"warning: checkpoint 6 in {ckpts} is corrupt (its "), (kind, lines)
+    assert lines[0].endswith(f"; moved to {aside}; resuming from checkpoint 5")
+    assert "Exception ignored" not in r.stderr, f"{kind}: {tail(r)}"
+    assert _resumed_at(r) == (1, 4), kind
+    assert os.listdir(aside)                           # kept, not deleted
+    assert outcome(workdir) == reference, kind

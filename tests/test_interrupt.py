@@ -63,5 +63,5 @@ def test_sigint_and_sigterm_save_the_step_reached_and_resume_identically(
 
   r = run_cli(env, tmp_path)
   assert r.returncode == 0, tail(r)
-  assert "resuming at task 1 step 4" in r.stderr
+  assert "resuming at task 2/3, step 4/4 from" in r.stderr
   assert outcome(tmp_path) == reference
