@@ -23,7 +23,9 @@ from the latest checkpoint either way.
 
 from __future__ import annotations
 
+import _thread
 import contextlib
+import gc
 import signal
 import sys
 import threading
@@ -33,8 +35,8 @@ import numpy as np
 
 from slora_jax.runner import parallel
 
-__all__ = ["Interrupted", "handling_signals", "deferred", "requested",
-           "exit_code"]
+__all__ = ["Interrupted", "install", "handling_signals", "deferred",
+           "requested", "exit_code"]
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -58,20 +60,50 @@ def exit_code(e: Interrupted) -> int:
 class _State:
   signum: int | None = None       # the first signal received
   deferring: bool = False
+  raised: bool = False            # Interrupted was raised for it
 
 
 _state = _State()
 
 
-def _handler(signum, frame):  # pylint: disable=unused-argument
-  if _state.signum is not None:
+def _handler(signum, frame):
+  if _state.signum is not None and (_state.deferring or _state.raised):
     print(f"{signal.Signals(signum).name} again: still finishing the step and "
           "writing its checkpoint (kill -9 stops at once and keeps the "
           "previous checkpoint)", file=sys.stderr, flush=True)
     return
   _state.signum = signum
-  if not _state.deferring:
-    raise Interrupted(signum, "start-up (before training)", saved=False)
+  if _state.deferring:
+    return
+  if _swallowing(frame):
+    # Raised here, the exception would be printed and dropped: deliver the
+    # signal again once the hook has returned.
+    threading.Timer(_REDELIVER_S, _thread.interrupt_main, (signum,)).start()
+    return
+  _state.raised = True
+  raise Interrupted(signum, "start-up (before training)", saved=False)
+
+
+_REDELIVER_S = 0.05
+
+
+def _swallowing(frame) -> bool:
+  """Whether ``frame`` runs inside a GC callback or a finaliser, where
+  Python prints an exception as "Exception ignored" and carries on."""
+  hooks = {getattr(cb, "__code__", None) for cb in gc.callbacks}
+  while frame is not None:
+    if frame.f_code in hooks or frame.f_code.co_name == "__del__":
+      return True
+    frame = frame.f_back
+  return False
+
+
+def install() -> None:
+  """Installs the handlers for the whole process (the entry point, first
+  thing after its imports); `handling_signals` nests inside."""
+  _state.signum, _state.deferring, _state.raised = None, False, False
+  for s in SIGNALS:
+    signal.signal(s, _handler)
 
 
 @contextlib.contextmanager
@@ -85,14 +117,14 @@ def handling_signals():
   if threading.current_thread() is not threading.main_thread():
     yield
     return
-  _state.signum, _state.deferring = None, False
+  _state.signum, _state.deferring, _state.raised = None, False, False
   old = {s: signal.signal(s, _handler) for s in SIGNALS}
   try:
     yield
   finally:
     for s, h in old.items():
       signal.signal(s, h)
-    _state.signum, _state.deferring = None, False
+    _state.signum, _state.deferring, _state.raised = None, False, False
 
 
 @contextlib.contextmanager
