@@ -7,6 +7,7 @@ place. The subprocesses share a persistent XLA compilation cache: only the
 first one compiles.
 """
 
+import json
 import os
 import re
 import shutil
@@ -95,6 +96,12 @@ def test_diverging_loss_stops_keeps_last_good_checkpoint(reference, env,
   assert outcome(tmp_path) == reference
 
 
+def _complete(workdir):
+  with open(os.path.join(workdir, SEED_DIR, "results.json")) as f:
+    res = json.load(f)
+  return res["complete"], len(res["acc_matrix"])
+
+
 def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(
     reference, env, tmp_path):
   # Killed between tasks 2 and 3: checkpoint 6 (task 2 finished) is the
@@ -102,6 +109,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(
   first = tmp_path / "first"
   r = run_cli(env, first, kill="between_tasks:2")
   assert r.returncode == -signal.SIGKILL, tail(r)
+  assert _complete(first) == (False, 2)   # results.json says: not final
   for kind in ("truncated", "flipped", "meta_cut", "metadata_emptied"):
     workdir = tmp_path / kind
     shutil.copytree(first, workdir)
@@ -119,3 +127,4 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(
     assert _resumed_at(r) == (1, 4), kind
     assert os.listdir(aside)                           # kept, not deleted
     assert outcome(workdir) == reference, kind
+    assert _complete(workdir) == (True, 3)
