@@ -29,12 +29,12 @@ import sys
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import safetensors.numpy
 
 import slora_jax as sl
 from slora_jax.models import convert
 from slora_jax.runner import backbone as backbone_lib
+from slora_jax.runner import checkpoint as ckpt_lib
 from slora_jax.runner import config as config_lib
 from slora_jax.runner.data import transforms
 
@@ -73,23 +73,54 @@ def _config(seed_dir: str) -> dict:
 
 
 def _restore(seed_dir: str, step: int | None, state: bool = True):
-  """(state or None, meta, step) of checkpoint ``step`` (default: latest)."""
-  directory = os.path.abspath(os.path.join(seed_dir, "checkpoints"))
-  manager = ocp.CheckpointManager(
-      directory, item_names=("state", "meta"),
-      options=ocp.CheckpointManagerOptions(read_only=True))
-  steps = manager.all_steps()
-  if not steps or (step is not None and step not in steps):
-    raise FileNotFoundError(f"no checkpoint {step if step else ''} in "
-                            f"{directory} (there are: {sorted(steps)})")
-  step = max(steps) if step is None else step
-  # No target: the arrays come back as saved, adapters and head included.
-  items = {"meta": ocp.args.JsonRestore()}
-  if state:
-    items["state"] = ocp.args.StandardRestore()
-  out = manager.restore(step, args=ocp.args.Composite(**items))
-  manager.close()
-  return (out["state"] if state else None), out["meta"], step
+  """(state or None, meta, step) of checkpoint ``step`` (default: the newest
+  intact one; a corrupt one is named on stderr and skipped, not moved)."""
+  ckpt = ckpt_lib.Checkpointer(seed_dir, read_only=True)
+  try:
+    steps = ckpt.all_steps()
+    if not steps:
+      raise FileNotFoundError(
+          f"no checkpoint in {ckpt.directory} yet: the run stopped before its "
+          "first save; rerun it to train, then export")
+    if step is not None and step not in steps:
+      raise FileNotFoundError(f"no checkpoint {step} in {ckpt.directory} "
+                              f"(there are: {', '.join(map(str, steps))})")
+    if step is None and state:
+      # No target: the arrays come back as saved, adapters and head included.
+      found = ckpt.restore_intact(lambda meta: None)
+      if found is None:
+        raise ckpt_lib.CorruptCheckpointError(
+            f"every checkpoint in {ckpt.directory} is corrupt")
+      step, tree, meta = found
+      return tree, meta, step
+    step = steps[-1] if step is None else step
+    try:
+      if state:
+        tree, meta = ckpt.restore(None, step=step)
+        return tree, meta, step
+      return None, ckpt.read_meta(step), step
+    except ckpt_lib.CorruptCheckpointError as e:
+      raise ckpt_lib.CorruptCheckpointError(
+          f"checkpoint {step} in {ckpt.directory} is corrupt ({e})") from None
+  finally:
+    ckpt.close()
+
+
+def checkpoint_metas(workdir: str, seed: int | None = None
+                     ) -> list[tuple[int, dict | None]]:
+  """(step, meta, or None if corrupt) of every checkpoint of a run, oldest
+  first, without their arrays."""
+  ckpt = ckpt_lib.Checkpointer(_seed_dir(workdir, seed), read_only=True)
+  out = []
+  try:
+    for step in ckpt.all_steps():
+      try:
+        out.append((step, ckpt.read_meta(step)))
+      except ckpt_lib.CorruptCheckpointError:
+        out.append((step, None))
+  finally:
+    ckpt.close()
+  return out
 
 
 def checkpoint_cursor(workdir: str, seed: int | None = None,
@@ -155,17 +186,30 @@ def timm_config(cfg, num_classes: int, normalize: str) -> dict:
   }
 
 
+def _make_out(out: str) -> None:
+  if os.path.exists(out) and not os.path.isdir(out):
+    raise ValueError(f"--out {out} is a file, not a directory; pass a "
+                     "directory (it is created if missing)")
+  try:
+    os.makedirs(out, exist_ok=True)
+  except OSError as e:
+    raise ValueError(f"cannot create --out {out} ({e.strerror or e}); pass "
+                     "a writable directory") from None
+
+
 def export(workdir: str, out: str, seed: int | None = None,
            step: int | None = None) -> dict:
   """Writes ``model.safetensors``, ``config.json`` and ``adapters/`` to
   ``out``; returns the config written."""
+  if os.path.exists(out) and not os.path.isdir(out):
+    _make_out(out)                      # the one-line error, before the work
   run = load_run(workdir, seed, step)
   n = run["num_trained_classes"]
   if n == 0:
     raise ValueError(f"checkpoint {run['step']} of {run['seed_dir']} is taken "
                      "before any task was trained: nothing to export")
   cfg = run["vit_config"]
-  os.makedirs(out, exist_ok=True)
+  _make_out(out)
   weights = os.path.join(out, "model.safetensors")
   convert.save_timm_safetensors(sl.merge(run["params"], run["adapters"]),
                                 weights, cfg)
@@ -208,8 +252,8 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
   try:
     doc = export(args.workdir, args.out, args.seed, args.step)
-  except (FileNotFoundError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr)
+  except (OSError, ValueError) as e:  # FileNotFoundError included
+    print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
     return 2
   print(f"{doc['architecture']} ({doc['num_classes']} classes, checkpoint "
         f"{doc['source']['checkpoint']}) -> {args.out}/model.safetensors, "

@@ -86,22 +86,43 @@ def _logits_and_labels(run: dict, data, n: int):
   return np.concatenate(logits), np.concatenate(labels)
 
 
-def _load_evaluated(workdir: str, seed: int | None, step: int | None) -> dict:
-  """The run at ``step``, or at the checkpoint its last evaluation used.
+def _evaluated_step(workdir: str, seed: int | None) -> int:
+  """The checkpoint the run's last evaluation used.
 
-  The last checkpoint is taken after ``end_task``, which normalises the
-  task's direction (docs/semantics.md §3.6), so the model the run evaluated
-  is the one before it, saved with the evaluation pending.
+  An evaluation comes between two checkpoints: the task trained (its
+  evaluation pending) and, after ``end_task``, which normalises the task's
+  direction (docs/semantics.md §3.6), the task finished. The first holds the
+  model evaluated; the second, when the first is no longer kept, the same
+  merged weights up to rounding. A checkpoint taken later, in the middle of
+  the next task, holds a model no evaluation saw: it is never used.
   """
+  metas = [(s, m) for s, m in export_lib.checkpoint_metas(workdir, seed)
+           if m is not None]
+  if not metas:
+    raise FileNotFoundError(f"{workdir} holds no readable checkpoint")
+  by_step = dict(metas)
+  ends = [s for s, m in metas if not m["cursor"]["begun"]
+          and m["cursor"]["task"] > 0]
+  if not ends:
+    latest, meta = metas[-1]
+    raise ValueError(
+        f"no kept checkpoint of {workdir} holds a model the run evaluated "
+        f"(the latest, {latest}, is at task {meta['cursor']['task'] + 1}, "
+        f"step {meta['cursor']['step']}, with {len(meta['done'])} task(s) "
+        "evaluated); let the run finish a task, or pass --step=N to score "
+        f"another checkpoint ({', '.join(str(s) for s, _ in metas)})")
+  end = ends[-1]
+  task = by_step[end]["cursor"]["task"] - 1
+  before = by_step.get(end - 1)
+  if before and before["cursor"]["begun"] and before["cursor"]["task"] == task:
+    return end - 1
+  return end
+
+
+def _load_evaluated(workdir: str, seed: int | None, step: int | None) -> dict:
+  """The run at ``step``, or at the checkpoint its last evaluation used."""
   if step is None:
-    step, cursor = export_lib.checkpoint_cursor(workdir, seed)
-    if not cursor["begun"] and step > 0:
-      try:
-        before, c = export_lib.checkpoint_cursor(workdir, seed, step - 1)
-      except FileNotFoundError:              # kept checkpoints skip it
-        before, c = step, cursor
-      if c["begun"] and c["task"] == cursor["task"] - 1:
-        step = before
+    step = _evaluated_step(workdir, seed)
   return export_lib.load_run(workdir, seed, step)
 
 
@@ -116,7 +137,8 @@ def head_share(workdir: str, seed: int | None = None,
   logits, labels = _logits_and_labels(run, data, n)
   groups = int(np.searchsorted(np.cumsum(data.task_sizes), n)) + 1
   doc = summarize(logits, labels, data.task_sizes[:groups],
-                  data.class_names[:n])
+                  data.class_names[:n]) | {"checkpoint": run["step"],
+                                           "cursor": run["meta"]["cursor"]}
   path = results_lib.write_json(
       os.path.join(run["seed_dir"], "head_share.json"), doc)
   return doc | {"path": path}
@@ -131,8 +153,11 @@ def main(argv=None) -> int:
   try:
     doc = head_share(args.workdir, args.seed, args.step)
   except (FileNotFoundError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr)
+    print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
     return 2
+  c = doc["cursor"]
+  print(f"checkpoint {doc['checkpoint']} (task {c['task'] + c['begun']} "
+        f"{'trained' if c['begun'] else 'finished'})")
   print(f"top-1 {doc['top1']:.2f} task-agnostic, "
         f"{doc['own_task_rows_only']:.2f} on each image's own task's rows; "
         f"{doc['errors_in_another_task']:.1f}% of the {doc['errors']} errors "

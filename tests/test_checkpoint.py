@@ -128,8 +128,7 @@ def test_no_intact_checkpoint_starts_over_and_read_only_moves_nothing(
   line, = capsys.readouterr().err.splitlines()
   assert line.startswith(f"warning: checkpoint 1 in {c.directory} is corrupt "
                          "(its arrays are unreadable: ")
-  assert line.endswith("); skipped (left in place); no intact checkpoint "
-                       "left: starting from the beginning")
+  assert line.endswith("); skipped (left in place); none is intact")
   assert r.all_steps() == [1]
   c = ckpt_lib.Checkpointer(str(tmp_path))
   assert c.restore_intact(lambda meta: _state(0.0)) is None

@@ -9,6 +9,7 @@ installed, so does a plain PyTorch forward of the same file.
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -22,6 +23,7 @@ from experiments import export
 from slora_jax.runner import config as config_lib
 from slora_jax.runner import train
 from tests import tiny_config
+from tests.test_checkpoint import _corrupt
 from tests.test_vit import numpy_vit
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -103,6 +105,45 @@ def test_missing_run_is_one_line(tmp_path):
   assert res.stderr.strip().splitlines() == [
       f"error: {tmp_path} holds no run (seed_*/ with checkpoints); pass the "
       "--workdir of a run"]
+
+
+def test_out_a_file_or_no_checkpoint_is_one_line(workdir, tmp_path, capsys):
+  out = tmp_path / "taken.txt"
+  out.write_text("x")
+  assert export.main([workdir, f"--out={out}"]) == 2
+  assert capsys.readouterr().err.splitlines() == [
+      f"error: --out {out} is a file, not a directory; pass a directory (it "
+      "is created if missing)"]
+  # A run stopped before its first checkpoint.
+  seed_dir = tmp_path / "run" / "seed_1993"
+  (seed_dir / "checkpoints").mkdir(parents=True)
+  shutil.copy(os.path.join(workdir, "seed_1993", "results.json"), seed_dir)
+  assert export.main([str(tmp_path / "run"), f"--out={tmp_path}/o"]) == 2
+  assert capsys.readouterr().err.splitlines() == [
+      f"error: no checkpoint in {seed_dir / 'checkpoints'} yet: the run "
+      "stopped before its first save; rerun it to train, then export"]
+
+
+def test_a_corrupt_latest_checkpoint_is_skipped_and_left_in_place(
+    workdir, tmp_path, capsys):
+  run = tmp_path / "run"
+  shutil.copytree(workdir, run)
+  ckpts = run / "seed_1993" / "checkpoints"
+  latest = max(int(n) for n in os.listdir(ckpts) if n.isdigit())
+  _corrupt(ckpts / str(latest), "truncated")
+  doc = export.export(str(run), str(tmp_path / "out"))
+  assert doc["source"]["checkpoint"] == latest - 1
+  line, = capsys.readouterr().err.splitlines()
+  assert line.startswith(f"warning: checkpoint {latest} in {ckpts} is "
+                         "corrupt (its arrays are unreadable: ")
+  assert line.endswith(f"); skipped (left in place); using checkpoint "
+                       f"{latest - 1}")
+  assert os.path.isdir(ckpts / str(latest))      # export writes no workdir
+  assert export.main([str(run), f"--out={tmp_path}/o2",
+                      f"--step={latest}"]) == 2
+  err, = capsys.readouterr().err.splitlines()
+  assert err.startswith(f"error: checkpoint {latest} in {ckpts} is corrupt "
+                        "(its arrays are unreadable: ")
 
 
 def _has_torch():

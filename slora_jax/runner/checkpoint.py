@@ -19,6 +19,7 @@ in the same atomic save as the arrays, so no window leaves a step unsigned.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -234,6 +235,19 @@ def _attempt(read: Callable[[], Any]) -> tuple[Any, str | None]:
     return None, _brief(e)
 
 
+@contextlib.contextmanager
+def _absl_quiet(quiet: bool):
+  """Absl's (Orbax's) warnings off inside, if ``quiet``."""
+  logger = logging.getLogger("absl")
+  level = logger.level
+  if quiet:
+    logger.setLevel(logging.ERROR)
+  try:
+    yield
+  finally:
+    logger.setLevel(level)
+
+
 class Checkpointer:
   """Saves and restores (state, meta) pairs under ``workdir/checkpoints``.
 
@@ -252,14 +266,15 @@ class Checkpointer:
         # saved cursor exactly the one the loop has reached.
         enable_async_checkpointing=False,
         cleanup_tmp_directories=not read_only,
-        read_only=read_only,
+        read_only=read_only, create=not read_only,
         # Orbax picks the right class for the filesystem (rename locally, a
         # commit file on GCS); only the kill tests replace it.
         temporary_path_class=(_FaultPointTemporaryPath
                               if faults.active("checkpoint_write") else None),
     )
-    self._manager = ocp.CheckpointManager(
-        self.directory, options=options, item_names=("state", "meta"))
+    with _absl_quiet(read_only):   # its notes on read-only mode
+      self._manager = ocp.CheckpointManager(
+          self.directory, options=options, item_names=("state", "meta"))
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -359,8 +374,11 @@ class Checkpointer:
       meta.pop(_DIGEST, None)
       found = (step, state, meta)
       break
-    then = (f"resuming from checkpoint {found[0]}" if found
-            else "no intact checkpoint left: starting from the beginning")
+    if self._read_only:
+      then = f"using checkpoint {found[0]}" if found else "none is intact"
+    else:
+      then = (f"resuming from checkpoint {found[0]}" if found
+              else "no intact checkpoint left: starting from the beginning")
     for step, why, where in bad:
       print(f"warning: checkpoint {step} in {self.directory} is corrupt "
             f"({why}); {where}; {then}", file=sys.stderr, flush=True)
