@@ -236,12 +236,13 @@ def _attempt(read: Callable[[], Any]) -> tuple[Any, str | None]:
 
 
 @contextlib.contextmanager
-def _absl_quiet(quiet: bool):
-  """Absl's (Orbax's) warnings off inside, if ``quiet``."""
+def _absl_quiet(quiet: bool = True):
+  """Absl's (Orbax's) log off inside, if ``quiet``: for what the caller
+  reports itself, or needs no report."""
   logger = logging.getLogger("absl")
   level = logger.level
   if quiet:
-    logger.setLevel(logging.ERROR)
+    logger.setLevel(logging.CRITICAL)
   try:
     yield
   finally:
@@ -324,9 +325,12 @@ class Checkpointer:
     step = (self.latest_step() or 0) + 1
     meta = {**meta, _DIGEST: state_digest(state)}
     try:
-      self._manager.save(step, args=ocp.args.Composite(
-          state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
-      self._manager.wait_until_finished()
+      # A failed write is raised here and reported once, by the caller;
+      # Orbax's writer thread would log it first, with its traceback.
+      with _absl_quiet():
+        self._manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+        self._manager.wait_until_finished()
     except Exception as e:  # pylint: disable=broad-except
       if is_disk_full(e):
         raise disk_full_error(self.directory, f"checkpoint {step}",

@@ -102,18 +102,63 @@ def _rules(adapter: config_lib.AdapterSettings, model_cfg):
   return tuple(sl.kernel(p) for p in adapter.targets.split(","))
 
 
+class _QuietRecords:
+  """tensorboardX's event file, which stops at its first OSError (a full
+  disk, a lost mount): the run reports such an error itself, in one line,
+  and TensorBoard events are not worth a traceback from tensorboardX's
+  writer thread (which would then die and block the queue) or at exit."""
+
+  def __init__(self, records):
+    self._records, self.failed = records, False
+
+  def _call(self, name: str, *args):
+    if self.failed:
+      return None
+    try:
+      return getattr(self._records, name)(*args)
+    except OSError:
+      self.failed = True
+      return None
+
+  def write_event(self, event):
+    return self._call("write_event", event)
+
+  def flush(self):
+    return self._call("flush")
+
+  def close(self):
+    return self._call("close")
+
+
 class EventWriter:
   """TensorBoard events of process 0, opened at the first scalar: a run
-  refused before it trains (e.g. another config's checkpoint) writes none."""
+  refused before it trains (e.g. another config's checkpoint) writes none.
+  Events are best effort: a write that fails ends them, quietly."""
 
   def __init__(self, directory: str):
-    self._directory, self._writer = directory, None
+    self._directory, self._writer, self._failed = directory, None, False
+
+  def _open(self) -> None:
+    from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
+    try:
+      self._writer = SummaryWriter(self._directory)
+    except OSError:
+      self._failed = True
+      return
+    # The event file's writer, shared by the flushes and the writer thread
+    # (tensorboardX 2.6 internals; without them, its own behaviour).
+    # pylint: disable=protected-access
+    events = getattr(self._writer._get_file_writer(), "event_writer", None)
+    worker = getattr(events, "_worker", None)
+    if hasattr(events, "_ev_writer") and hasattr(worker, "_record_writer"):
+      events._ev_writer = worker._record_writer = _QuietRecords(
+          events._ev_writer)
 
   def add_scalar(self, tag: str, value: float, step: int) -> None:
-    if self._writer is None:
-      from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
-      self._writer = SummaryWriter(self._directory)
-    self._writer.add_scalar(tag, value, step)
+    if self._writer is None and not self._failed:
+      self._open()
+    if self._writer is not None:
+      self._writer.add_scalar(tag, value, step)
 
   def flush(self) -> None:
     if self._writer is not None:
