@@ -146,8 +146,10 @@ def load_run(workdir: str, seed: int | None = None, step: int | None = None):
     the first ``num_trained_classes`` of them trained.
   """
   seed_dir = _seed_dir(workdir, seed)
-  exp = config_lib.from_config(_config(seed_dir))
+  # The checkpoint first: a run without one gets that answer, not a
+  # complaint about the config it left behind.
   state, meta, step = _restore(seed_dir, step)
+  exp = config_lib.from_config(_config(seed_dir))
   model_cfg, model, params, _ = backbone_lib.build(exp.model, exp.data)
   previous = state["frozen"]["previous"]
   first = next(iter(previous.values()))["A"]
