@@ -122,12 +122,15 @@ def restore_or_start(s: Session) -> Progress:
   state = Progress(s.template, head, None, Cursor())
 
   def target_of(meta: dict):
-    missing = [k for k in ("fingerprint", "cursor", "rank", "done")
-               if k not in meta]
+    if not isinstance(meta.get("fingerprint"), dict):
+      raise ckpt_lib.CorruptCheckpointError("its meta item lacks the "
+                                            "config's fingerprint")
+    # Another config's checkpoint is the user's to move, not corrupt.
+    ckpt_lib.check_fingerprint(meta["fingerprint"], s.fingerprint)
+    missing = [k for k in ("cursor", "rank", "done") if k not in meta]
     if missing:
       raise ckpt_lib.CorruptCheckpointError(
           f"its meta item lacks {', '.join(missing)}")
-    ckpt_lib.check_fingerprint(meta["fingerprint"], s.fingerprint)
     # The abstract state: a task begun at the saved rank, optimiser included.
     shaped = sl.begin_task(s.template, jax.random.key(0), meta["rank"])
     return _saved_state(shaped, head, s.tx, None)
