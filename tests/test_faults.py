@@ -10,7 +10,6 @@ first one compiles.
 import json
 import os
 import re
-import shutil
 import signal
 
 import pytest
@@ -102,29 +101,33 @@ def _complete(workdir):
   return res["complete"], len(res["acc_matrix"])
 
 
-def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(
+def test_corrupt_checkpoints_are_set_aside_and_the_run_resumes_before_them(
     reference, env, tmp_path):
-  # Killed between tasks 2 and 3: checkpoint 6 (task 2 finished) is the
-  # latest, 5 (task 2 trained, evaluation pending) the one before (keep=2).
-  first = tmp_path / "first"
-  r = run_cli(env, first, kill="between_tasks:2")
+  # Killed between tasks 2 and 3 with five checkpoints kept: 2 (task 1
+  # trained, evaluation pending) to 6 (task 2 finished). The four newest are
+  # damaged, one way each: the rerun names each in one line, moves it aside
+  # and resumes from checkpoint 2.
+  r = run_cli(env, tmp_path, "--config.checkpoint.keep=5",
+              kill="between_tasks:2")
   assert r.returncode == -signal.SIGKILL, tail(r)
-  assert _complete(first) == (False, 2)   # results.json says: not final
-  for kind in ("truncated", "flipped", "meta_cut", "metadata_emptied"):
-    workdir = tmp_path / kind
-    shutil.copytree(first, workdir)
-    ckpts = workdir / SEED_DIR / "checkpoints"
-    assert sorted(n for n in os.listdir(ckpts) if n.isdigit()) == ["5", "6"]
-    _corrupt(ckpts / "6", kind)
-    r = run_cli(env, workdir)
-    assert r.returncode == 0 and "Traceback" not in r.stderr, f"{kind}: {tail(r)}"
-    lines = [l for l in r.stderr.splitlines() if " is corrupt " in l]
-    aside = workdir / SEED_DIR / "checkpoints_corrupt" / "6"
-    assert len(lines) == 1 and lines[0].startswith(
-        f"warning: checkpoint 6 in {ckpts} is corrupt (its "), (kind, lines)
-    assert lines[0].endswith(f"; moved to {aside}; resuming from checkpoint 5")
-    assert "Exception ignored" not in r.stderr, f"{kind}: {tail(r)}"
-    assert _resumed_at(r) == (1, 4), kind
+  assert _complete(tmp_path) == (False, 2)   # results.json says: not final
+  ckpts = tmp_path / SEED_DIR / "checkpoints"
+  assert sorted(int(n) for n in os.listdir(ckpts) if n.isdigit()) == [
+      2, 3, 4, 5, 6]
+  kinds = {6: "truncated", 5: "flipped", 4: "meta_cut", 3: "metadata_emptied"}
+  for step, kind in kinds.items():
+    _corrupt(ckpts / str(step), kind)
+  r = run_cli(env, tmp_path, "--config.checkpoint.keep=5")
+  assert r.returncode == 0, tail(r)
+  assert "Traceback" not in r.stderr and "Exception ignored" not in r.stderr
+  lines = [l for l in r.stderr.splitlines() if " is corrupt " in l]
+  assert len(lines) == 4, tail(r)
+  for line, step in zip(lines, kinds):
+    aside = tmp_path / SEED_DIR / "checkpoints_corrupt" / str(step)
+    assert line.startswith(f"warning: checkpoint {step} in {ckpts} is "
+                           "corrupt (its "), line
+    assert line.endswith(f"; moved to {aside}; resuming from checkpoint 2")
     assert os.listdir(aside)                           # kept, not deleted
-    assert outcome(workdir) == reference, kind
-    assert _complete(workdir) == (True, 3)
+  assert _resumed_at(r) == (0, 4)
+  assert outcome(tmp_path) == reference
+  assert _complete(tmp_path) == (True, 3)
