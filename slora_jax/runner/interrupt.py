@@ -29,6 +29,7 @@ import gc
 import signal
 import sys
 import threading
+import weakref
 
 import jax
 import numpy as np
@@ -41,8 +42,13 @@ __all__ = ["Interrupted", "install", "handling_signals", "deferred",
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
-class Interrupted(Exception):
-  """The run stopped on a signal; ``str()`` is the line to print."""
+class Interrupted(BaseException):
+  """The run stopped on a signal; ``str()`` is the line to print.
+
+  A BaseException, as KeyboardInterrupt is: the ``except Exception`` of a
+  library (JAX's compilation-cache read warns and goes on) or of our own
+  checks (a failed restore marks a checkpoint corrupt) must not take it.
+  """
 
   def __init__(self, signum: int, where: str, saved: bool = True):
     self.signum = signum
@@ -61,6 +67,7 @@ class _State:
   signum: int | None = None       # the first signal received
   deferring: bool = False
   raised: bool = False            # Interrupted was raised for it
+  collecting: bool = False        # a garbage collection is running
 
 
 _state = _State()
@@ -88,20 +95,43 @@ _REDELIVER_S = 0.05
 
 
 def _swallowing(frame) -> bool:
-  """Whether ``frame`` runs inside a GC callback or a finaliser, where
-  Python prints an exception as "Exception ignored" and carries on."""
+  """Whether ``frame`` runs where Python prints an exception as "Exception
+  ignored" and carries on: a garbage collection (its callbacks, finalisers
+  and weakref callbacks), a ``__del__`` or a weakref callback."""
+  if _state.collecting:
+    return True
   hooks = {getattr(cb, "__code__", None) for cb in gc.callbacks}
   while frame is not None:
-    if frame.f_code in hooks or frame.f_code.co_name == "__del__":
+    code = frame.f_code
+    if (code in hooks or code.co_name == "__del__"
+        or code.co_filename == weakref.__file__):
       return True
     frame = frame.f_back
   return False
+
+
+def _collection_starts(phase, info):  # pylint: disable=unused-argument
+  if phase == "start":
+    _state.collecting = True
+
+
+def _collection_stopped(phase, info):  # pylint: disable=unused-argument
+  if phase == "stop":
+    _state.collecting = False
+
+
+def _track_collections() -> None:
+  """Brackets every other GC callback with ours: first in, last out."""
+  if _collection_starts not in gc.callbacks:
+    gc.callbacks.insert(0, _collection_starts)
+    gc.callbacks.append(_collection_stopped)
 
 
 def install() -> None:
   """Installs the handlers for the whole process (the entry point, first
   thing after its imports); `handling_signals` nests inside."""
   _state.signum, _state.deferring, _state.raised = None, False, False
+  _track_collections()
   for s in SIGNALS:
     signal.signal(s, _handler)
 
@@ -118,6 +148,7 @@ def handling_signals():
     yield
     return
   _state.signum, _state.deferring, _state.raised = None, False, False
+  _track_collections()
   old = {s: signal.signal(s, _handler) for s in SIGNALS}
   try:
     yield
