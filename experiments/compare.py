@@ -17,7 +17,11 @@ that benchmark and method, and the caveats recorded with each reference (code
 version, class order, magnitude init). Paper values are means of 5 runs with
 standard errors; logs and LibContinual are single runs with other seeds/class
 orders.
-Exit status 2 with a one-line error for missing or invalid files.
+A run that has not evaluated all its tasks (``complete`` false in its
+results.json) is refused: its numbers are not final. With
+``--allow_partial`` each such run is listed in its own group, marked
+"PARTIAL", never averaged with finished runs nor set against the references.
+Exit status 2 with a one-line error for missing, invalid or partial files.
 """
 
 from __future__ import annotations
@@ -31,12 +35,16 @@ from absl import flags
 import numpy as np
 
 from slora_jax.runner import reference_numbers
-from slora_jax.runner.results import ResultsError, load_results, write_json
+from slora_jax.runner.results import (ResultsError, load_results, progress,
+                                      write_json)
 
 _JSON = flags.DEFINE_string("json", None, "Also write the comparison to this JSON file.")
 _MIXED = flags.DEFINE_bool("mixed_data", False,
                            "Average runs of one group even when they read "
                            "different data (different data manifests).")
+_ALLOW_PARTIAL = flags.DEFINE_bool(
+    "allow_partial", False, "List unfinished runs, each group marked PARTIAL "
+    "and kept apart from finished runs, instead of refusing them.")
 
 METRICS = (("acc", "Acc"), ("aaa", "AAA"))
 # The three kinds of published reference, in the order they are listed.
@@ -97,28 +105,42 @@ def stats(values: Sequence[float]) -> dict:
           "values": v.tolist()}
 
 
+def partial(results: dict) -> str | None:
+  """"k/T" for a run that evaluated k of its T tasks, None when complete."""
+  done, planned = progress(results)
+  if results.get("complete", True) and (planned is None or done == planned):
+    return None
+  return f"{done}/{planned if planned is not None else '?'}"
+
+
 def compare_runs(runs: Sequence[tuple[str, dict]],
                  mixed_data: bool = False) -> list[dict]:
   """Groups (path, results) pairs and attaches references; one dict per group.
 
+  Partial runs form groups of their own (``partial``: "k/T"), without
+  references.
+
   Raises:
     MixedDataError: a group's runs read different data and not ``mixed_data``.
   """
-  groups: dict[tuple[str, str, str], list[tuple[str, dict]]] = {}
+  groups: dict[tuple[str, str, str, str], list[tuple[str, dict]]] = {}
   for path, res in runs:
-    groups.setdefault(run_key(res), []).append((path, res))
+    key = (*run_key(res), partial(res) or "")
+    groups.setdefault(key, []).append((path, res))
   out = []
-  for (benchmark, method, semantics), members in sorted(groups.items()):
+  for (benchmark, method, semantics, part), members in sorted(groups.items()):
     seeds = [res.get("seed", (res.get("config") or {}).get("seed")) for _, res in members]
     data = _check_same_data((benchmark, method, semantics), members,
                             mixed_data)
     group = {"benchmark": benchmark, "method": method, "semantics": semantics,
+             "partial": part or None,
              "files": [p for p, _ in members], "seeds": seeds,
              "data_manifests": data}
     for key, _ in METRICS:
       group[key] = stats([res["summary"][key] for _, res in members])
     refs = []
-    for ref in reference_numbers.references(benchmark, method):
+    for ref in ([] if part else
+                reference_numbers.references(benchmark, method)):
       entry = {"kind": ref["kind"], "source": ref["source"],
                "n_runs": ref.get("n_runs"), "seed": ref.get("seed"),
                "notes": ref.get("notes")}
@@ -150,8 +172,11 @@ def format_comparison(groups: Sequence[dict]) -> str:
     seeds = ", ".join(str(s) for s in g["seeds"])
     n = g["acc"]["n"]
     plural = "s" if n != 1 else ""
+    done = (f" | PARTIAL: {g['partial'].replace('/', ' of ')} tasks evaluated"
+            if g.get("partial") else "")
     lines.append(f"== {g['benchmark']} | method {g['method']} | semantics "
-                 f"{g['semantics']} | {n} run{plural} (seed{plural} {seeds})")
+                 f"{g['semantics']} | {n} run{plural} (seed{plural} {seeds})"
+                 f"{done}")
     if len(set(g["seeds"])) < len(g["seeds"]):
       lines.append("   note: repeated seeds; runs are not independent")
     data = g.get("data_manifests") or []
@@ -167,6 +192,9 @@ def format_comparison(groups: Sequence[dict]) -> str:
       s = g[key]
       ours = f"{_fmt(s['mean'])} ± {_fmt(s['std'])}"
       prefix = f"   {label:<6} {ours:<17} {_fmt(s['se']):>5}   "
+      if g.get("partial"):
+        lines.append(prefix + "not final: not set against any reference")
+        continue
       if not g["references"]:
         lines.append(prefix + "no published reference")
         continue
@@ -189,10 +217,11 @@ def format_comparison(groups: Sequence[dict]) -> str:
 
 def run(paths: Sequence[str], json_out: Optional[str] = None,
         stream: Optional[TextIO] = None, err: Optional[TextIO] = None,
-        mixed_data: bool = False) -> int:
+        mixed_data: bool = False, allow_partial: bool = False) -> int:
   """Loads ``paths``, prints the comparison, optionally writes JSON.
 
-  Returns the exit status: 0, or 2 after a one-line error on ``err``.
+  Returns the exit status: 0, or 2 after a one-line error on ``err`` (a
+  missing or invalid file, or a partial run unless ``allow_partial``).
   """
   stream = stream or sys.stdout
   err = err or sys.stderr
@@ -204,6 +233,15 @@ def run(paths: Sequence[str], json_out: Optional[str] = None,
   except ResultsError as e:
     print(f"compare: error: {e}", file=err)
     return 2
+  for path, res in runs:
+    part = partial(res)
+    if part and not allow_partial:
+      done, planned = part.split("/")
+      print(f"compare: error: {path}: unfinished run ({done} of {planned} "
+            "tasks evaluated), its numbers are not final; rerun its command "
+            "to finish it, or pass --allow_partial to list it apart",
+            file=err)
+      return 2
   try:
     groups = compare_runs(runs, mixed_data)
   except MixedDataError as e:
@@ -217,7 +255,8 @@ def run(paths: Sequence[str], json_out: Optional[str] = None,
 
 
 def main(argv: Sequence[str]) -> int:
-  return run(list(argv[1:]), _JSON.value, mixed_data=_MIXED.value)
+  return run(list(argv[1:]), _JSON.value, mixed_data=_MIXED.value,
+             allow_partial=_ALLOW_PARTIAL.value)
 
 
 if __name__ == "__main__":

@@ -32,13 +32,13 @@ import sys
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import safetensors.numpy
 
 import slora_jax as sl
 from slora_jax.interop import peft
 from slora_jax.models import convert
 from slora_jax.runner import backbone as backbone_lib
+from slora_jax.runner import checkpoint as ckpt_lib
 from slora_jax.runner import config as config_lib
 from slora_jax.runner.data import transforms
 
@@ -84,23 +84,54 @@ def _config(seed_dir: str) -> dict:
 
 
 def _restore(seed_dir: str, step: int | None, state: bool = True):
-  """(state or None, meta, step) of checkpoint ``step`` (default: latest)."""
-  directory = os.path.abspath(os.path.join(seed_dir, "checkpoints"))
-  manager = ocp.CheckpointManager(
-      directory, item_names=("state", "meta"),
-      options=ocp.CheckpointManagerOptions(read_only=True))
-  steps = manager.all_steps()
-  if not steps or (step is not None and step not in steps):
-    raise FileNotFoundError(f"no checkpoint {step if step else ''} in "
-                            f"{directory} (there are: {sorted(steps)})")
-  step = max(steps) if step is None else step
-  # No target: the arrays come back as saved, adapters and head included.
-  items = {"meta": ocp.args.JsonRestore()}
-  if state:
-    items["state"] = ocp.args.StandardRestore()
-  out = manager.restore(step, args=ocp.args.Composite(**items))
-  manager.close()
-  return (out["state"] if state else None), out["meta"], step
+  """(state or None, meta, step) of checkpoint ``step`` (default: the newest
+  intact one; a corrupt one is named on stderr and skipped, not moved)."""
+  ckpt = ckpt_lib.Checkpointer(seed_dir, read_only=True)
+  try:
+    steps = ckpt.all_steps()
+    if not steps:
+      raise FileNotFoundError(
+          f"no checkpoint in {ckpt.directory} yet: the run stopped before its "
+          "first save; rerun it to train, then export")
+    if step is not None and step not in steps:
+      raise FileNotFoundError(f"no checkpoint {step} in {ckpt.directory} "
+                              f"(there are: {', '.join(map(str, steps))})")
+    if step is None and state:
+      # No target: the arrays come back as saved, adapters and head included.
+      found = ckpt.restore_intact(lambda meta: None)
+      if found is None:
+        raise ckpt_lib.CorruptCheckpointError(
+            f"every checkpoint in {ckpt.directory} is corrupt")
+      step, tree, meta = found
+      return tree, meta, step
+    step = steps[-1] if step is None else step
+    try:
+      if state:
+        tree, meta = ckpt.restore(None, step=step)
+        return tree, meta, step
+      return None, ckpt.read_meta(step), step
+    except ckpt_lib.CorruptCheckpointError as e:
+      raise ckpt_lib.CorruptCheckpointError(
+          f"checkpoint {step} in {ckpt.directory} is corrupt ({e})") from None
+  finally:
+    ckpt.close()
+
+
+def checkpoint_metas(workdir: str, seed: int | None = None
+                     ) -> list[tuple[int, dict | None]]:
+  """(step, meta, or None if corrupt) of every checkpoint of a run, oldest
+  first, without their arrays."""
+  ckpt = ckpt_lib.Checkpointer(_seed_dir(workdir, seed), read_only=True)
+  out = []
+  try:
+    for step in ckpt.all_steps():
+      try:
+        out.append((step, ckpt.read_meta(step)))
+      except ckpt_lib.CorruptCheckpointError:
+        out.append((step, None))
+  finally:
+    ckpt.close()
+  return out
 
 
 def checkpoint_cursor(workdir: str, seed: int | None = None,
@@ -126,8 +157,10 @@ def load_run(workdir: str, seed: int | None = None, step: int | None = None):
     the first ``num_trained_classes`` of them trained.
   """
   seed_dir = _seed_dir(workdir, seed)
-  exp = config_lib.from_config(_config(seed_dir))
+  # The checkpoint first: a run without one gets that answer, not a
+  # complaint about the config it left behind.
   state, meta, step = _restore(seed_dir, step)
+  exp = config_lib.from_config(_config(seed_dir))
   model_cfg, model, params, _ = backbone_lib.build(exp.model, exp.data)
   previous = state["frozen"]["previous"]
   first = next(iter(previous.values()))["A"]
@@ -178,23 +211,31 @@ def timm_config(cfg, num_classes: int, normalize: str) -> dict:
   }
 
 
-def evaluated_step(workdir: str, seed: int | None = None) -> tuple[int, bool]:
-  """(step, found) of the model the run last evaluated (results.json's).
+def evaluated_step(workdir: str, seed: int | None = None) -> tuple[int, str]:
+  """(step, kind) of the checkpoint holding the model the run last evaluated.
 
-  The checkpoint after a task is taken after ``end_task``, which normalises
-  the task's direction (docs/semantics.md §3.6): the model evaluated is the
-  one before it, saved with the evaluation pending. Without that checkpoint
-  (the kept ones skip it) or mid-task: (the latest, False).
+  An evaluation comes between two checkpoints: the task trained (evaluation
+  pending), then, after ``end_task``, which normalises the task's direction
+  (docs/semantics.md §3.6), the task finished. ``kind`` is 'evaluated' for
+  the first (the model results.json reports); 'finished' for the second when
+  the first is no longer kept (the next task's starting point, close to it
+  but not equal); 'latest' when no kept checkpoint follows an evaluation
+  (the run stopped before finishing a task): a model no evaluation saw.
   """
-  step, cursor = checkpoint_cursor(workdir, seed)
-  if not cursor["begun"] and step > 0:
-    try:
-      before, c = checkpoint_cursor(workdir, seed, step - 1)
-    except FileNotFoundError:
-      return step, False
-    if c["begun"] and c["task"] == cursor["task"] - 1:
-      return before, True
-  return step, False
+  metas = [(s, m) for s, m in checkpoint_metas(workdir, seed) if m is not None]
+  if not metas:
+    raise FileNotFoundError(f"{workdir} holds no readable checkpoint")
+  ends = [s for s, m in metas if not m["cursor"]["begun"]
+          and m["cursor"]["task"] > 0]
+  if not ends:
+    return metas[-1][0], "latest"
+  by_step = dict(metas)
+  end = ends[-1]
+  before = by_step.get(end - 1)
+  if (before and before["cursor"]["begun"]
+      and before["cursor"]["task"] == by_step[end]["cursor"]["task"] - 1):
+    return end - 1, "evaluated"
+  return end, "finished"
 
 
 def _write_timm(directory: str, params, head, n: int, cfg, doc: dict) -> None:
@@ -211,17 +252,35 @@ def _write_timm(directory: str, params, head, n: int, cfg, doc: dict) -> None:
     json.dump(doc, f, indent=1)
 
 
+def _make_out(out: str) -> None:
+  if os.path.exists(out) and not os.path.isdir(out):
+    raise ValueError(f"--out {out} is a file, not a directory; pass a "
+                     "directory (it is created if missing)")
+  try:
+    os.makedirs(out, exist_ok=True)
+  except OSError as e:
+    raise ValueError(f"cannot create --out {out} ({e.strerror or e}); pass "
+                     "a writable directory") from None
+
+
 def export(workdir: str, out: str, seed: int | None = None,
            step: int | None = None) -> dict:
   """Writes the files the module docstring lists to ``out``; returns the
   config written (``source.evaluated``: whether results.json reports it)."""
-  evaluated, found = evaluated_step(workdir, seed)
+  if os.path.exists(out) and not os.path.isdir(out):
+    _make_out(out)                      # the one-line error, before the work
+  try:
+    evaluated, kind = evaluated_step(workdir, seed)
+  except (FileNotFoundError, ValueError):
+    evaluated, kind = None, "latest"    # load_run says what is missing
+  found = kind == "evaluated"
   run = load_run(workdir, seed, evaluated if step is None else step)
   n = run["num_trained_classes"]
   if n == 0:
     raise ValueError(f"checkpoint {run['step']} of {run['seed_dir']} is taken "
                      "before any task was trained: nothing to export")
   cfg = run["vit_config"]
+  _make_out(out)
   fp = run["meta"]["fingerprint"]
   doc = timm_config(cfg, n, run["exp"].data.normalize) | {
       "class_order": fp["class_order"][:n],
@@ -261,8 +320,8 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
   try:
     doc = export(args.workdir, args.out, args.seed, args.step)
-  except (FileNotFoundError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr)
+  except (OSError, ValueError) as e:  # FileNotFoundError included
+    print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
     return 2
   if args.step is None and not doc["source"]["evaluated"]:
     print(f"note: checkpoint {doc['source']['checkpoint']} is not the model "

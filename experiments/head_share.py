@@ -86,15 +86,27 @@ def _logits_and_labels(run: dict, data, n: int):
   return np.concatenate(logits), np.concatenate(labels)
 
 
-def _load_evaluated(workdir: str, seed: int | None, step: int | None) -> dict:
-  """The run at ``step``, or at the checkpoint its last evaluation used.
+def _evaluated_step(workdir: str, seed: int | None) -> int:
+  """The checkpoint the run's last evaluation used (`export.evaluated_step`):
+  the task trained, else the task finished; never a later mid-task one."""
+  step, kind = export_lib.evaluated_step(workdir, seed)
+  if kind == "latest":
+    metas = [(s, m) for s, m in export_lib.checkpoint_metas(workdir, seed)
+             if m is not None]
+    meta = dict(metas)[step]
+    raise ValueError(
+        f"no kept checkpoint of {workdir} holds a model the run evaluated "
+        f"(the latest, {step}, is at task {meta['cursor']['task'] + 1}, "
+        f"step {meta['cursor']['step']}, with {len(meta['done'])} task(s) "
+        "evaluated); let the run finish a task, or pass --step=N to score "
+        f"another checkpoint ({', '.join(str(s) for s, _ in metas)})")
+  return step
 
-  The last checkpoint is taken after ``end_task``, which normalises the
-  task's direction (docs/semantics.md §3.6), so the model the run evaluated
-  is the one before it, saved with the evaluation pending.
-  """
+
+def _load_evaluated(workdir: str, seed: int | None, step: int | None) -> dict:
+  """The run at ``step``, or at the checkpoint its last evaluation used."""
   if step is None:
-    step, _ = export_lib.evaluated_step(workdir, seed)
+    step = _evaluated_step(workdir, seed)
   return export_lib.load_run(workdir, seed, step)
 
 
@@ -109,7 +121,8 @@ def head_share(workdir: str, seed: int | None = None,
   logits, labels = _logits_and_labels(run, data, n)
   groups = int(np.searchsorted(np.cumsum(data.task_sizes), n)) + 1
   doc = summarize(logits, labels, data.task_sizes[:groups],
-                  data.class_names[:n])
+                  data.class_names[:n]) | {"checkpoint": run["step"],
+                                           "cursor": run["meta"]["cursor"]}
   path = results_lib.write_json(
       os.path.join(run["seed_dir"], "head_share.json"), doc)
   return doc | {"path": path}
@@ -124,8 +137,11 @@ def main(argv=None) -> int:
   try:
     doc = head_share(args.workdir, args.seed, args.step)
   except (FileNotFoundError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr)
+    print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
     return 2
+  c = doc["cursor"]
+  print(f"checkpoint {doc['checkpoint']} (task {c['task'] + c['begun']} "
+        f"{'trained' if c['begun'] else 'finished'})")
   print(f"top-1 {doc['top1']:.2f} task-agnostic, "
         f"{doc['own_task_rows_only']:.2f} on each image's own task's rows; "
         f"{doc['errors_in_another_task']:.1f}% of the {doc['errors']} errors "

@@ -18,11 +18,30 @@ and exit code 128 + the signal's number: 130 for SIGINT, 143 for SIGTERM, the
 codes shells and schedulers already read as "stopped by that signal".
 """
 
+import os
+import signal
+import sys
+
+
+def _stop_during_imports(signum, frame):  # pylint: disable=unused-argument
+  """Ctrl-C before the runner's own handlers: nothing is written yet (the
+  imports and flag parsing only read), so the process stops at once."""
+  sys.stdout.flush()
+  print(f"interrupted ({signal.Signals(signum).name}) at start-up (before "
+        "training); nothing new to save since the last checkpoint; rerun the "
+        "same command to resume", file=sys.stderr, flush=True)
+  os._exit(128 + signum)  # no exception for an import or a GC hook to eat
+
+
+# First, before the slow imports: Python's own KeyboardInterrupt would land
+# in whatever runs (JAX's GC callback ignores it, an import prints a trace).
+for _signal in (signal.SIGINT, signal.SIGTERM):
+  signal.signal(_signal, _stop_during_imports)
+
+# pylint: disable=wrong-import-position
 import difflib
 import importlib.util
 import logging as std_logging
-import os
-import sys
 
 from absl import app
 from absl import flags
@@ -156,12 +175,8 @@ def _quiet_libraries(verbosity: int) -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  _quiet_libraries(flags.FLAGS.verbosity)
+def _run() -> None:
   from slora_jax.runner import errors
-  from slora_jax.runner import interrupt
   from slora_jax.runner import sweep
 
   config_file = flags.FLAGS["config"].config_filename
@@ -170,6 +185,18 @@ def main(argv):
     sweep.run(_CONFIG.value, workdir, config_file)
   except errors.USER_ERRORS as e:
     _fail(e)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  _quiet_libraries(flags.FLAGS.verbosity)
+  from slora_jax.runner import interrupt
+  # From here a signal raises `Interrupted` (deferred to the end of a step
+  # while the task loop runs), so a file being written is finished or removed.
+  interrupt.install()
+  try:
+    _run()
   except interrupt.Interrupted as e:
     print(e, file=sys.stderr, flush=True)
     sys.exit(interrupt.exit_code(e))

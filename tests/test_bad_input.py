@@ -13,6 +13,7 @@ import errno
 import os
 import shutil
 import subprocess
+import threading
 
 import jax
 import numpy as np
@@ -26,6 +27,7 @@ from slora_jax.runner import checkpoint as ckpt_lib
 from slora_jax.runner import experiment_data
 from slora_jax.runner import config as config_lib
 from slora_jax.runner import session
+from slora_jax.runner import writers
 from slora_jax.runner.data.sources import folder as folder_lib
 from slora_jax.models import convert
 from slora_jax.models import vit as vit_lib
@@ -427,6 +429,18 @@ def test_workdir_is_a_file(env, tmp_path):
   assert path.read_text() == "not a directory\n"
 
 
+def test_checkpoints_folder_is_a_file(env, tmp_path):
+  seed_dir = tmp_path / "run" / "seed_1993"
+  seed_dir.mkdir(parents=True)
+  (seed_dir / "checkpoints").write_text("not a directory\n")
+  before = snapshot(tmp_path / "run")
+  line = error_line(run_cli(env, tmp_path / "run"))
+  assert line == (f"error: {seed_dir / 'checkpoints'} is not a directory (a "
+                  "file is in the way); move it away, or pass another "
+                  "--workdir")
+  assert snapshot(tmp_path / "run") == before
+
+
 # ------------------------------------------- read-only workdir, full disk
 
 
@@ -510,8 +524,8 @@ def test_full_disk_at_start(env, tmp_path):
     line = error_line(run_cli(env, workdir))
     assert line == (
         f"error: the disk holding {workdir / 'seed_1993'} is full (0 KiB "
-        "free); free some space or use another --workdir (the last complete "
-        "checkpoint is kept: rerun to resume from it)")
+        "free); free some space or use another --workdir (no checkpoint was "
+        "saved yet: a rerun starts from the beginning)")
     assert snapshot(workdir) == before
 
 
@@ -526,7 +540,11 @@ def test_full_disk_during_run_keeps_the_last_checkpoint(env, tmp_path):
     ckpts = workdir / "seed_1993" / "checkpoints"
     kept = snapshot(ckpts)
     _fill(fs / "fill", keep_inodes=3)
-    line = error_line(run_cli(env, workdir))
+    r = run_cli(env, workdir)
+    line = error_line(r)
+    # Only the run's own lines: no writer thread's or exit hook's traceback.
+    assert [l for l in r.stderr.splitlines() if not l.startswith(
+        "resuming after task 1/3 from ")] == [line], tail(r)
     assert line.startswith(
         f"error: the disk holding {ckpts} is full (no free inodes, ")
     assert line.endswith(
@@ -558,3 +576,30 @@ def test_full_disk_in_a_checkpoint_write_library(tmp_path, monkeypatch):
   state, meta = ckpt.restore({"x": np.zeros(3, np.float32)})
   assert meta == {"n": 1} and state["x"].tolist() == [1.0, 1.0, 1.0]
   ckpt.close()
+
+
+class _FullDisk:
+  """A record file whose every write fails as on a full disk."""
+
+  def write(self, data):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+  flush = close = lambda self: self.write(b"")
+
+
+def test_full_disk_for_tensorboard_events_is_quiet(tmp_path, monkeypatch,
+                                                   capfd):
+  broken = []
+  monkeypatch.setattr(threading, "excepthook", broken.append)
+  writer = writers.TensorBoardWriter(str(tmp_path / "tb"))
+  writer.write_scalars(0, {"loss": 1.0})
+  writer.flush()
+  # pylint: disable=protected-access
+  events = writer._writer._get_file_writer().event_writer
+  records = getattr(events._ev_writer, "_records", events._ev_writer)
+  records._py_recordio_writer = _FullDisk()                    # the disk fills
+  for step in range(1, 6):   # fewer than its queue holds: no hang if it dies
+    writer.write_scalars(step, {"loss": 1.0})
+  writer.flush()
+  writer.close()
+  assert not broken and capfd.readouterr().err == ""

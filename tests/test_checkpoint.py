@@ -4,6 +4,7 @@ import dataclasses
 import json
 import os
 import re
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -149,3 +150,87 @@ def test_a_checkpoint_of_the_old_fingerprint_is_refused():
       "one is v2), so whether this config matches it cannot be checked; use "
       "another --workdir, or that version to resume")):
     ckpt_lib.check_fingerprint(old, fp)
+# ------------------------------------------------------------ corruption
+
+
+def _corrupt(step_dir, kind):
+  """Damages one committed checkpoint the way a disk or a person might."""
+  if kind in ("truncated", "flipped"):
+    data_files = [os.path.join(step_dir, "state", "d", n)
+                  for n in os.listdir(os.path.join(step_dir, "state", "d"))]
+    path = max(data_files, key=os.path.getsize)     # the arrays' file
+    data = bytearray(open(path, "rb").read())
+    if kind == "truncated":
+      data = data[:len(data) // 2]
+    else:
+      for i in range(len(data) // 3, len(data) // 3 + 8):
+        data[i] ^= 0xFF
+    open(path, "wb").write(bytes(data))
+  elif kind == "meta_cut":
+    path = os.path.join(step_dir, "meta", "metadata")
+    text = open(path).read()
+    open(path, "w").write(text[:len(text) // 2])
+  elif kind == "metadata_emptied":
+    open(os.path.join(step_dir, "state", "_METADATA"), "w").close()
+  elif kind == "stale_arrays":
+    # Valid arrays of another step: Orbax reads them without complaint,
+    # only the digest saved in meta tells them apart.
+    other = os.path.join(os.path.dirname(step_dir), "1", "state")
+    shutil.rmtree(os.path.join(step_dir, "state"))
+    shutil.copytree(other, os.path.join(step_dir, "state"))
+  else:
+    raise ValueError(kind)
+
+
+KINDS = ("truncated", "flipped", "meta_cut", "metadata_emptied",
+         "stale_arrays")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_corrupt_latest_is_set_aside_and_the_previous_restored(
+    tmp_path, capsys, kind):
+  c = ckpt_lib.Checkpointer(str(tmp_path), keep=3)
+  for i in (1, 2):
+    c.save(_state(float(i) + 0.5), {"cursor": {"task": i}})
+  c.close()
+  _corrupt(os.path.join(c.directory, "2"), kind)
+  c = ckpt_lib.Checkpointer(str(tmp_path), keep=3)
+  with pytest.raises(ckpt_lib.CorruptCheckpointError):
+    c.restore(jax.eval_shape(lambda: _state(0.0)))
+  capsys.readouterr()
+  step, state, meta = c.restore_intact(lambda meta: _state(0.0))
+  assert step == 1 and meta == {"cursor": {"task": 1}}
+  np.testing.assert_array_equal(state["a"], np.full((3, 2), 1.5))
+  lines = capsys.readouterr().err.splitlines()
+  aside = os.path.join(str(tmp_path), "checkpoints_corrupt", "2")
+  assert len(lines) == 1 and lines[0].startswith(
+      f"warning: checkpoint 2 in {c.directory} is corrupt (its ")
+  assert lines[0].endswith(f"); moved to {aside}; resuming from checkpoint 1")
+  assert os.listdir(aside) and c.all_steps() == [1]   # kept, out of sight
+  # The next save takes number 2 again; its own corruption is kept apart.
+  assert c.save(_state(3.0), {"cursor": {"task": 3}}) == 2
+  _corrupt(os.path.join(c.directory, "2"), "meta_cut")
+  assert c.restore_intact(lambda meta: _state(0.0))[0] == 1
+  assert os.path.isdir(aside + ".1")
+  c.close()
+
+
+def test_no_intact_checkpoint_starts_over_and_read_only_moves_nothing(
+    tmp_path, capsys):
+  c = ckpt_lib.Checkpointer(str(tmp_path))
+  c.save(_state(1.0), {"n": 1})
+  c.close()
+  _corrupt(os.path.join(c.directory, "1"), "metadata_emptied")
+  r = ckpt_lib.Checkpointer(str(tmp_path), read_only=True)
+  assert r.restore_intact(lambda meta: None) is None
+  line, = capsys.readouterr().err.splitlines()
+  assert line.startswith(f"warning: checkpoint 1 in {c.directory} is corrupt "
+                         "(its arrays are unreadable: ")
+  assert line.endswith("); skipped (left in place); none is intact")
+  assert r.all_steps() == [1]
+  c = ckpt_lib.Checkpointer(str(tmp_path))
+  assert c.restore_intact(lambda meta: _state(0.0)) is None
+  line, = capsys.readouterr().err.splitlines()
+  assert line.endswith("; no intact checkpoint left: starting from the "
+                       "beginning")
+  assert c.latest_step() is None

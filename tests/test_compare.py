@@ -261,3 +261,86 @@ def test_compare_refuses_runs_over_different_data(tmp_path):
   out = io.StringIO()
   assert compare.run(files, stream=out, err=err) == 0
   assert f"   data manifest {'a' * 12}" in out.getvalue().splitlines()
+
+
+def _partial_payload(done=2, T=5, seed=1995, acc=20.0):
+  """A run stopped after ``done`` of its ``T`` tasks."""
+  rows = [[80.0 - k for k in range(t + 1)] for t in range(done)]
+  p = results.make_payload(
+      config={"benchmark": "imagenet_r_10"}, seed=seed,
+      class_order=list(range(4 * T)), task_sizes=[4] * T, method="sdlora",
+      semantics="reference", acc_matrix=rows,
+      curve_top1_sample_weighted=[acc] * done)
+  return p
+
+
+def test_compare_refuses_a_partial_run_in_one_line(tmp_path):
+  p = _partial_payload()
+  assert p["complete"] is False and _payload()["complete"] is True
+  done = _write(tmp_path, "a", _payload(seed=1993, acc=77.0))
+  part = _write(tmp_path, "b", p)
+  err = io.StringIO()
+  assert compare.run([done, part], stream=io.StringIO(), err=err) == 2
+  assert err.getvalue() == (
+      f"compare: error: {part}: unfinished run (2 of 5 tasks evaluated), its "
+      "numbers are not final; rerun its command to finish it, or pass "
+      "--allow_partial to list it apart\n")
+  # A file written before the flag existed is judged by its rows.
+  legacy = json.loads(pathlib.Path(part).read_text())
+  del legacy["complete"]
+  (tmp_path / "legacy.json").write_text(json.dumps(legacy))
+  err = io.StringIO()
+  assert compare.run([str(tmp_path / "legacy.json")], stream=io.StringIO(),
+                     err=err) == 2
+  assert "unfinished run (2 of 5 tasks evaluated)" in err.getvalue()
+
+
+def test_compare_allow_partial_keeps_partial_runs_apart(tmp_path):
+  files = [_write(tmp_path, "a", _payload(seed=1993, acc=77.0)),
+           _write(tmp_path, "b", _payload(seed=1994, acc=79.0)),
+           _write(tmp_path, "c", _partial_payload(acc=20.0))]
+  out, json_out = io.StringIO(), tmp_path / "c.json"
+  assert compare.run(files, json_out=str(json_out), stream=out,
+                     err=io.StringIO(), allow_partial=True) == 0
+  text = out.getvalue()
+  assert "| 2 runs (seeds 1993, 1994)\n" in text and "78.00 ± 1.41" in text
+  assert ("== imagenet_r_10 | method sdlora | semantics reference | 1 run "
+          "(seed 1995) | PARTIAL: 2 of 5 tasks evaluated") in text
+  part = text[text.index("PARTIAL"):]
+  assert "20.00 ± n/a" in part and "paper" not in part
+  assert part.count("not final: not set against any reference") == 2
+  groups = json.loads(json_out.read_text())["groups"]
+  assert [(g["partial"], g["acc"]["values"]) for g in groups] == [
+      (None, [77.0, 79.0]), ("2/5", [20.0])]
+
+
+@pytest.mark.parametrize("field,value,message", [
+    (("acc_matrix", 1, 0), "80.0",
+     "'acc_matrix[1][0]' must be a number, got '80.0'"),
+    (("acc_matrix", 0, 1), 5.0, None),          # above the diagonal: allowed
+    (("curves", "top1_sample_weighted", 0), "82",
+     "'curves.top1_sample_weighted[0]' must be a number, got '82'"),
+    (("summary", "forgetting"), "1.5",
+     "'summary.forgetting' must be a number or null, got '1.5'"),
+    (("seed",), "1993", "'seed' must be an integer, got '1993'"),
+    (("task_sizes",), [4, "4"], "'task_sizes' must be a list of integers"),
+    (("method",), 3, "'method' must be a string, got 3"),
+    (("complete",), "yes", "'complete' must be true or false, got 'yes'"),
+    (("complete",), False, "'complete' is false but 2 of 2 tasks are "
+     "evaluated"),
+])
+def test_compare_checks_every_field_type(tmp_path, field, value, message):
+  d = json.loads(pathlib.Path(_write(tmp_path, "a", _payload())).read_text())
+  node = d
+  for k in field[:-1]:
+    node = node[k]
+  node[field[-1]] = value
+  path = tmp_path / "edited.json"
+  path.write_text(json.dumps(d))
+  err = io.StringIO()
+  code = compare.run([str(path)], stream=io.StringIO(), err=err)
+  if message is None:
+    assert code == 0, err.getvalue()
+    return
+  assert code == 2 and err.getvalue().count("\n") == 1, err.getvalue()
+  assert err.getvalue().startswith(f"compare: error: {path}: {message}")

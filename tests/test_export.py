@@ -11,6 +11,7 @@ PEFT installed, timm's own loading of the folders and PEFT's of the LoRA.
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -26,6 +27,7 @@ from slora_jax.runner import train
 from slora_jax.models import vit
 from tests import tiny_config
 from tests import torch_interop
+from tests.test_checkpoint import _corrupt
 from tests.test_vit import numpy_vit
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -203,6 +205,45 @@ def test_missing_run_is_one_line(tmp_path):
   assert res.stderr.strip().splitlines() == [
       f"error: {tmp_path} holds no run (seed_*/ with checkpoints); pass the "
       "--workdir of a run"]
+
+
+def test_out_a_file_or_no_checkpoint_is_one_line(workdir, tmp_path, capsys):
+  out = tmp_path / "taken.txt"
+  out.write_text("x")
+  assert export.main([workdir, f"--out={out}"]) == 2
+  assert capsys.readouterr().err.splitlines() == [
+      f"error: --out {out} is a file, not a directory; pass a directory (it "
+      "is created if missing)"]
+  # A run stopped before its first checkpoint (and its results.json): the
+  # missing checkpoint is what is said, not a complaint about the config.
+  seed_dir = tmp_path / "run" / "seed_1993"
+  (seed_dir / "checkpoints").mkdir(parents=True)
+  assert export.main([str(tmp_path / "run"), f"--out={tmp_path}/o"]) == 2
+  assert capsys.readouterr().err.splitlines() == [
+      f"error: no checkpoint in {seed_dir / 'checkpoints'} yet: the run "
+      "stopped before its first save; rerun it to train, then export"]
+
+
+def test_a_corrupt_latest_checkpoint_is_skipped_and_left_in_place(
+    workdir, tmp_path, capsys):
+  run = tmp_path / "run"
+  shutil.copytree(workdir, run)
+  ckpts = run / "seed_1993" / "checkpoints"
+  latest = max(int(n) for n in os.listdir(ckpts) if n.isdigit())
+  _corrupt(ckpts / str(latest), "truncated")
+  doc = export.export(str(run), str(tmp_path / "out"))
+  assert doc["source"]["checkpoint"] == latest - 1
+  line, = capsys.readouterr().err.splitlines()
+  assert line.startswith(f"warning: checkpoint {latest} in {ckpts} is "
+                         "corrupt (its arrays are unreadable: ")
+  assert line.endswith(f"); skipped (left in place); using checkpoint "
+                       f"{latest - 1}")
+  assert os.path.isdir(ckpts / str(latest))      # export writes no workdir
+  assert export.main([str(run), f"--out={tmp_path}/o2",
+                      f"--step={latest}"]) == 2
+  err, = capsys.readouterr().err.splitlines()
+  assert err.startswith(f"error: checkpoint {latest} in {ckpts} is corrupt "
+                        "(its arrays are unreadable: ")
 
 
 def _has_torch():

@@ -7,13 +7,17 @@ place. The subprocesses share a persistent XLA compilation cache: only the
 first one compiles.
 """
 
+import json
+import os
 import re
 import signal
 
 import pytest
 
-from cli_util import (cli_env, error_line, outcome, run_cli, snapshot, tail,
+from cli_util import (SEED_DIR, cli_env, error_line, outcome, run_cli,
+                      snapshot, tail,
                       tmp_checkpoints)
+from test_checkpoint import _corrupt
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +46,12 @@ KILLS = [
 
 
 def _resumed_at(r):
-  m = re.search(r"resuming at task (\d+) step (\d+)", r.stderr)
-  return (int(m.group(1)), int(m.group(2))) if m else None
+  """(0-based task, step) of the ``resuming`` line (tasks there count from 1)."""
+  m = re.search(r"resuming at task (\d+)/3, step (\d+)/4 from", r.stderr)
+  if m:
+    return int(m.group(1)) - 1, int(m.group(2))
+  m = re.search(r"resuming after task (\d+)/3 from", r.stderr)
+  return (int(m.group(1)), 0) if m else None
 
 
 def test_sigkill_at_ten_points_then_resume_gives_identical_results(
@@ -89,3 +97,41 @@ def test_diverging_loss_stops_and_advises_a_fresh_workdir(env, tmp_path):
       "but the config says train.lr=0.05; use another --workdir, or the "
       "original config to resume")
   assert snapshot(workdir) == before
+
+
+def _complete(workdir):
+  with open(os.path.join(workdir, SEED_DIR, "results.json")) as f:
+    res = json.load(f)
+  return res["complete"], len(res["acc_matrix"])
+
+
+def test_corrupt_checkpoints_are_set_aside_and_the_run_resumes_before_them(
+    reference, env, tmp_path):
+  # Killed between tasks 2 and 3 with five checkpoints kept: 2 (task 1
+  # trained, evaluation pending) to 6 (task 2 finished). The four newest are
+  # damaged, one way each: the rerun names each in one line, moves it aside
+  # and resumes from checkpoint 2.
+  r = run_cli(env, tmp_path, "--config.checkpoint.keep=5",
+              kill="between_tasks:2")
+  assert r.returncode == -signal.SIGKILL, tail(r)
+  assert _complete(tmp_path) == (False, 2)   # results.json says: not final
+  ckpts = tmp_path / SEED_DIR / "checkpoints"
+  assert sorted(int(n) for n in os.listdir(ckpts) if n.isdigit()) == [
+      2, 3, 4, 5, 6]
+  kinds = {6: "truncated", 5: "flipped", 4: "meta_cut", 3: "metadata_emptied"}
+  for step, kind in kinds.items():
+    _corrupt(ckpts / str(step), kind)
+  r = run_cli(env, tmp_path, "--config.checkpoint.keep=5")
+  assert r.returncode == 0, tail(r)
+  assert "Traceback" not in r.stderr and "Exception ignored" not in r.stderr
+  lines = [l for l in r.stderr.splitlines() if " is corrupt " in l]
+  assert len(lines) == 4, tail(r)
+  for line, step in zip(lines, kinds):
+    aside = tmp_path / SEED_DIR / "checkpoints_corrupt" / str(step)
+    assert line.startswith(f"warning: checkpoint {step} in {ckpts} is "
+                           "corrupt (its "), line
+    assert line.endswith(f"; moved to {aside}; resuming from checkpoint 2")
+    assert os.listdir(aside)                           # kept, not deleted
+  assert _resumed_at(r) == (0, 4)
+  assert outcome(tmp_path) == reference
+  assert _complete(tmp_path) == (True, 3)

@@ -4,8 +4,10 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from experiments import head_share
+from slora_jax.runner import checkpoint as ckpt_lib
 
 NAMES = ["shirt / edges", "coat / edges", "shirt / sketch", "bag / texture"]
 
@@ -49,3 +51,40 @@ def test_a_workdir_without_a_run_is_one_line_and_exit_2(tmp_path):
   assert proc.returncode == 2
   lines = proc.stderr.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith("error: ") and "no run" in lines[0]
+
+
+# A run's checkpoints, as the task loop saves them: (task, step, begun, number
+# of tasks evaluated). Tasks of 4 steps, a periodic checkpoint every 2.
+SAVES = [(0, 2, True, 0), (0, 4, True, 0),     # task 1: step 2, trained
+         (1, 0, False, 1),                     # evaluated and finished
+         (1, 2, True, 1), (1, 3, True, 1)]     # task 2: step 2, interrupted
+
+
+def _checkpoints(path, keep):
+  ckpt = ckpt_lib.Checkpointer(str(path), keep=keep)
+  for task, step, begun, done in SAVES:
+    ckpt.save({"x": np.full(2, step, np.float32)},
+              {"cursor": {"task": task, "step": step, "begun": begun},
+               "done": [{}] * done})
+  ckpt.close()
+  return str(path)
+
+
+def test_an_interrupted_run_is_scored_where_it_was_evaluated(tmp_path):
+  # The run was stopped in task 2: its last evaluation (task 1) used
+  # checkpoint 2 (task 1 trained), or 3 (task 1 finished: the same merged
+  # model) when 2 is gone; never 4 or 5, models no evaluation saw.
+  assert head_share._evaluated_step(_checkpoints(tmp_path / "a", 5), None) == 2
+  assert head_share._evaluated_step(_checkpoints(tmp_path / "b", 3), None) == 3
+  with pytest.raises(ValueError, match=r"no kept checkpoint of \S+ holds a "
+                     r"model the run evaluated \(the latest, 5, is at task 2, "
+                     r"step 3, with 1 task\(s\) evaluated\); let the run "
+                     r"finish a task, or pass --step=N to score another "
+                     r"checkpoint \(4, 5\)"):
+    head_share._evaluated_step(_checkpoints(tmp_path / "c", 2), None)
+
+
+def test_no_evaluated_checkpoint_is_one_line_and_exit_2(tmp_path, capsys):
+  assert head_share.main([_checkpoints(tmp_path, 2)]) == 2
+  err = capsys.readouterr().err.splitlines()
+  assert len(err) == 1 and err[0].startswith("error: no kept checkpoint of ")

@@ -174,7 +174,7 @@ def test_kill_both_then_sigterm_one_then_resume(env, single, tmp_path):
   assert checkpoint_cursor(workdir) == (1, 1, True)
   runs = launch(env, workdir, 2, 2)
   _ok(runs)
-  assert all("resuming at task 1 step 1" in r[1] for r in runs)
+  assert all("resuming at task 2/3, step 1/4 from" in r[1] for r in runs)
   assert outcome(workdir) == ref
   # The resumed part decoded the tail of the global batches, halved.
   for p, (_, _, events) in enumerate(runs):

@@ -85,7 +85,7 @@ def test_a_gs_run_writes_only_to_the_bucket_and_resumes_like_a_local_run(
   lease.write_text(json.dumps(held))
   resumed = _run(env, cwd, *gs)
   assert resumed.returncode == 0, tail(resumed)
-  assert "resuming at task 1" in resumed.stderr, tail(resumed)
+  assert "resuming after task 1/2 from gs://" in resumed.stderr, tail(resumed)
 
   run = fake / "bucket" / "run"
   assert outcome(run) == outcome(tmp_path / "local")

@@ -23,24 +23,32 @@ from the latest checkpoint either way.
 
 from __future__ import annotations
 
+import _thread
 import contextlib
+import gc
 import signal
 import sys
 import threading
+import weakref
 
 import jax
 import numpy as np
 
 from slora_jax.runner import parallel
 
-__all__ = ["Interrupted", "handling_signals", "deferred", "requested",
-           "exit_code"]
+__all__ = ["Interrupted", "install", "handling_signals", "deferred",
+           "requested", "exit_code"]
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
-class Interrupted(Exception):
-  """The run stopped on a signal; ``str()`` is the line to print."""
+class Interrupted(BaseException):
+  """The run stopped on a signal; ``str()`` is the line to print.
+
+  A BaseException, as KeyboardInterrupt is: the ``except Exception`` of a
+  library (JAX's compilation-cache read warns and goes on) or of our own
+  checks (a failed restore marks a checkpoint corrupt) must not take it.
+  """
 
   def __init__(self, signum: int, where: str, saved: bool = True):
     self.signum = signum
@@ -58,20 +66,74 @@ def exit_code(e: Interrupted) -> int:
 class _State:
   signum: int | None = None       # the first signal received
   deferring: bool = False
+  raised: bool = False            # Interrupted was raised for it
+  collecting: bool = False        # a garbage collection is running
 
 
 _state = _State()
 
 
-def _handler(signum, frame):  # pylint: disable=unused-argument
-  if _state.signum is not None:
+def _handler(signum, frame):
+  if _state.signum is not None and (_state.deferring or _state.raised):
     print(f"{signal.Signals(signum).name} again: still finishing the step and "
           "writing its checkpoint (kill -9 stops at once and keeps the "
           "previous checkpoint)", file=sys.stderr, flush=True)
     return
   _state.signum = signum
-  if not _state.deferring:
-    raise Interrupted(signum, "start-up (before training)", saved=False)
+  if _state.deferring:
+    return
+  if _swallowing(frame):
+    # Raised here, the exception would be printed and dropped: deliver the
+    # signal again once the hook has returned.
+    threading.Timer(_REDELIVER_S, _thread.interrupt_main, (signum,)).start()
+    return
+  _state.raised = True
+  raise Interrupted(signum, "start-up (before training)", saved=False)
+
+
+_REDELIVER_S = 0.05
+
+
+def _swallowing(frame) -> bool:
+  """Whether ``frame`` runs where Python prints an exception as "Exception
+  ignored" and carries on: a garbage collection (its callbacks, finalisers
+  and weakref callbacks), a ``__del__`` or a weakref callback."""
+  if _state.collecting:
+    return True
+  hooks = {getattr(cb, "__code__", None) for cb in gc.callbacks}
+  while frame is not None:
+    code = frame.f_code
+    if (code in hooks or code.co_name == "__del__"
+        or code.co_filename == weakref.__file__):
+      return True
+    frame = frame.f_back
+  return False
+
+
+def _collection_starts(phase, info):  # pylint: disable=unused-argument
+  if phase == "start":
+    _state.collecting = True
+
+
+def _collection_stopped(phase, info):  # pylint: disable=unused-argument
+  if phase == "stop":
+    _state.collecting = False
+
+
+def _track_collections() -> None:
+  """Brackets every other GC callback with ours: first in, last out."""
+  if _collection_starts not in gc.callbacks:
+    gc.callbacks.insert(0, _collection_starts)
+    gc.callbacks.append(_collection_stopped)
+
+
+def install() -> None:
+  """Installs the handlers for the whole process (the entry point, first
+  thing after its imports); `handling_signals` nests inside."""
+  _state.signum, _state.deferring, _state.raised = None, False, False
+  _track_collections()
+  for s in SIGNALS:
+    signal.signal(s, _handler)
 
 
 @contextlib.contextmanager
@@ -85,14 +147,15 @@ def handling_signals():
   if threading.current_thread() is not threading.main_thread():
     yield
     return
-  _state.signum, _state.deferring = None, False
+  _state.signum, _state.deferring, _state.raised = None, False, False
+  _track_collections()
   old = {s: signal.signal(s, _handler) for s in SIGNALS}
   try:
     yield
   finally:
     for s, h in old.items():
       signal.signal(s, h)
-    _state.signum, _state.deferring = None, False
+    _state.signum, _state.deferring, _state.raised = None, False, False
 
 
 @contextlib.contextmanager

@@ -16,7 +16,11 @@ JSON has no NaN/Infinity: undefined numbers are ``null``.
   semantics        Policy preset name ("reference" | "paper"), or a dict of the
                    Policy's fields that includes "name"
   acc_matrix       T×T list, row t = top-1 per task after training task t,
-                   null above the diagonal, tasks in numeric order
+                   null above the diagonal, tasks in numeric order; T rows
+                   so far, ``len(task_sizes)`` once the run is complete
+  complete         bool, every task of the run evaluated (false while the
+                   run is unfinished: its numbers are not final); files
+                   without it are judged by that row count
   acc_matrix_top5  optional, same layout for top-5
   curves           {top1_sample_weighted: [T], top1_task_mean: [T],
                     top5_sample_weighted: [T] or null}
@@ -32,8 +36,10 @@ JSON has no NaN/Infinity: undefined numbers are ``null``.
   data_manifest    optional, what the run read: per-class counts and a
                    sha256 of the file list (``slora_jax.runner.data.manifest``)
 
-Readers need only ``summary.acc``/``summary.aaa``, ``curves`` and
-``acc_matrix`` (checked by ``validate_results``); the rest is provenance.
+Readers need only ``summary``, ``curves``, ``acc_matrix`` and ``complete``
+(``validate_results`` checks their types, and those of ``seed``,
+``class_order``, ``task_sizes``, ``method``, ``config``); the rest is
+provenance.
 """
 
 from __future__ import annotations
@@ -58,6 +64,7 @@ __all__ = [
     "SCHEMA_VERSION", "RESULTS_FILENAME", "ResultsError", "to_jsonable",
     "write_json", "make_payload", "validate_results", "write_results",
     "load_results", "collect_versions", "sha256_file", "plot_results",
+    "progress",
 ]
 
 SCHEMA_VERSION = 1
@@ -183,6 +190,7 @@ def make_payload(*, config, seed: int, class_order: Sequence[int],
       "method": method,
       "semantics": semantics,
       "acc_matrix": R,
+      "complete": R.shape[0] == len(task_sizes),
       "acc_matrix_top5": (None if acc_matrix_top5 is None
                           else metrics.accuracy_matrix(acc_matrix_top5)),
       "curves": {
@@ -205,8 +213,27 @@ def _is_number(x) -> bool:
   return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
+def _is_int(x) -> bool:
+  return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _numbers(values, name: str, fail, nullable: bool = False) -> None:
+  if not isinstance(values, list):
+    fail(f"'{name}' must be a list, got {type(values).__name__}")
+  for i, v in enumerate(values):
+    if not (_is_number(v) or (nullable and v is None)):
+      fail(f"'{name}[{i}]' must be a number, got {v!r}")
+
+
+def progress(d: dict) -> tuple[int, int | None]:
+  """(tasks evaluated, tasks of the run or None if unknown) of a valid file."""
+  sizes = d.get("task_sizes")
+  return len(d["acc_matrix"]), (len(sizes) if sizes else None)
+
+
 def validate_results(d, where: str = "results") -> dict:
-  """Checks the keys readers rely on; raises ResultsError naming ``where``."""
+  """Checks the keys readers rely on, types included; raises ResultsError
+  naming ``where`` and the first bad field."""
   def fail(msg):
     raise ResultsError(f"{where}: {msg}")
 
@@ -218,20 +245,50 @@ def validate_results(d, where: str = "results") -> dict:
   for key in ("acc", "aaa"):
     if not _is_number(summary.get(key)):
       fail(f"'summary.{key}' must be a number, got {summary.get(key)!r}")
+  for key, v in summary.items():
+    if not (v is None or _is_number(v)):
+      fail(f"'summary.{key}' must be a number or null, got {v!r}")
   curves = d.get("curves")
   if not isinstance(curves, dict) or not isinstance(
       curves.get("top1_sample_weighted"), list):
     fail("missing 'curves.top1_sample_weighted' list")
+  _numbers(curves["top1_sample_weighted"], "curves.top1_sample_weighted", fail)
+  for key in ("top1_task_mean", "top5_sample_weighted"):
+    if curves.get(key) is not None:
+      _numbers(curves[key], f"curves.{key}", fail, nullable=True)
   matrix = d.get("acc_matrix")
   if not isinstance(matrix, list) or not matrix or not all(
       isinstance(r, list) for r in matrix):
     fail("missing 'acc_matrix' (list of rows)")
+  for t, row in enumerate(matrix):
+    if len(row) not in (t + 1, len(matrix)):
+      fail(f"'acc_matrix' row {t} has {len(row)} entries; expected {t + 1} "
+           f"or {len(matrix)}")
+    _numbers(row[:t + 1], f"acc_matrix[{t}]", fail)
+    _numbers(row[t + 1:], f"acc_matrix[{t}]", fail, nullable=True)
   if len(matrix) != len(curves["top1_sample_weighted"]):
     fail(f"acc_matrix has {len(matrix)} rows but the top-1 curve "
          f"{len(curves['top1_sample_weighted'])} values")
   config = d.get("config", {})
   if config is not None and not isinstance(config, dict):
     fail("'config' must be an object")
+  if "seed" in d and not (d["seed"] is None or _is_int(d["seed"])):
+    fail(f"'seed' must be an integer, got {d['seed']!r}")
+  for key in ("class_order", "task_sizes"):
+    v = d.get(key)
+    if v is not None and not (isinstance(v, list) and all(map(_is_int, v))):
+      fail(f"'{key}' must be a list of integers, got {v!r}")
+  if d.get("method") is not None and not isinstance(d["method"], str):
+    fail(f"'method' must be a string, got {d['method']!r}")
+  done, planned = progress(d)
+  if planned is not None and done > planned:
+    fail(f"acc_matrix has {done} rows but the run has {planned} tasks")
+  if "complete" in d:
+    if not isinstance(d["complete"], bool):
+      fail(f"'complete' must be true or false, got {d['complete']!r}")
+    if planned is not None and d["complete"] != (done == planned):
+      fail(f"'complete' is {str(d['complete']).lower()} but {done} of "
+           f"{planned} tasks are evaluated")
   return d
 
 

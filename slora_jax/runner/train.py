@@ -92,7 +92,8 @@ def _workdir_errors(workdir: str):
     raise
   except OSError as e:
     if ckpt_lib.is_disk_full(e):
-      raise ckpt_lib.disk_full_error(workdir, e.filename) from e
+      raise ckpt_lib.disk_full_error(
+          workdir, e.filename, saved=ckpt_lib.has_checkpoint(workdir)) from e
     if e.errno == errno.EROFS:
       raise errors.WorkdirError(
           e.errno, f"the workdir {workdir} became read-only ({e.filename}); "
@@ -111,17 +112,32 @@ def _saved_state(adapters, head, tx, opt_state) -> dict:
 
 
 def restore_or_start(s: Session) -> Progress:
-  """The latest checkpoint's progress, or a fresh start."""
+  """The newest intact checkpoint's progress, or a fresh start.
+
+  A corrupt checkpoint is set aside with a one-line warning and the one
+  before it is used (`Checkpointer.restore_intact`).
+  """
   head = sl.init_head(jax.random.fold_in(jax.random.key(s.seed), 10**6),
                       s.width, s.data.num_classes)
   state = Progress(s.template, head, None, Cursor())
-  saved = s.ckpt.read_meta()
-  if saved is not None:
-    ckpt_lib.check_fingerprint(saved["fingerprint"], s.fingerprint)
+
+  def target_of(meta: dict):
+    if not isinstance(meta.get("fingerprint"), dict):
+      raise ckpt_lib.CorruptCheckpointError("its meta item lacks the "
+                                            "config's fingerprint")
+    # Another config's checkpoint is the user's to move, not corrupt.
+    ckpt_lib.check_fingerprint(meta["fingerprint"], s.fingerprint)
+    missing = [k for k in ("cursor", "rank", "done") if k not in meta]
+    if missing:
+      raise ckpt_lib.CorruptCheckpointError(
+          f"its meta item lacks {', '.join(missing)}")
     # The abstract state: a task begun at the saved rank, optimiser included.
-    shaped = sl.begin_task(s.template, jax.random.key(0), saved["rank"])
-    restored, _ = s.ckpt.restore(_saved_state(shaped, head, s.tx, None),
-                                 parallel.replicated(s.mesh))
+    shaped = sl.begin_task(s.template, jax.random.key(0), meta["rank"])
+    return _saved_state(shaped, head, s.tx, None)
+
+  found = s.ckpt.restore_intact(target_of, parallel.replicated(s.mesh))
+  if found is not None:
+    _, restored, saved = found
     cursor = Cursor(**saved["cursor"])
     state = Progress(
         s.template.replace(trainable=restored["trainable"],
@@ -129,13 +145,21 @@ def restore_or_start(s: Session) -> Progress:
         restored["head"], restored["opt_state"], cursor,
         done=tuple(saved["done"]), last_saved=cursor)
     # A status line, on stderr with the library's warnings: the report on
-    # stdout reads the same whether or not the run was resumed.
-    print(f"resuming at task {cursor.task} step {cursor.step} ("
-          f"{'in task' if cursor.begun else 'between tasks'}) from "
-          f"{s.ckpt.directory}", file=sys.stderr, flush=True)
+    # stdout reads the same whether or not the run was resumed. Tasks are
+    # numbered from 1 here, as in every other line the run prints.
+    print(f"resuming {_resume_point(s, cursor)} from {s.ckpt.directory}",
+          file=sys.stderr, flush=True)
     faults.point("restore")
   adapters, head = parallel.replicate((state.adapters, state.head), s.mesh)
   return dataclasses.replace(state, adapters=adapters, head=head)
+
+
+def _resume_point(s: Session, c: Cursor) -> str:
+  """Where a resumed run goes on, numbered as the ``interrupted`` line."""
+  n = s.num_phases
+  if c.begun:
+    return f"at task {c.task + 1}/{n}, step {c.step}/{s.data.steps(c.task)[1]}"
+  return f"after task {c.task}/{n}" if c.task else "at the start"
 
 
 # --- checkpoints and non-finite values ----------------------------------------

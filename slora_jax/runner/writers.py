@@ -56,17 +56,59 @@ def flat_hparams(tree: Mapping[str, Any], prefix: str = "") -> dict:
   return out
 
 
+class _QuietRecords:
+  """tensorboardX's event file, which stops at its first OSError (a full
+  disk, a lost mount): the run reports such an error itself, in one line,
+  and TensorBoard events are not worth a traceback from tensorboardX's
+  writer thread (which would then die and block the queue) or at exit."""
+
+  def __init__(self, records):
+    self._records, self.failed = records, False
+
+  def _call(self, name: str, *args):
+    if self.failed:
+      return None
+    try:
+      return getattr(self._records, name)(*args)
+    except OSError:
+      self.failed = True
+      return None
+
+  def write_event(self, event):
+    return self._call("write_event", event)
+
+  def flush(self):
+    return self._call("flush")
+
+  def close(self):
+    return self._call("close")
+
+
 class TensorBoardWriter(MetricWriter):
   """tensorboardX events in ``directory``; hyper-parameters as the HParams
-  plugin reads them (in the same run) and as a ``config`` text."""
+  plugin reads them (in the same run) and as a ``config`` text. Events are
+  best effort: a write that fails ends them, quietly."""
 
   def __init__(self, directory: str):
     self._directory, self._writer, self._hparams = directory, None, None
+    self._failed = False
 
   def _open(self):
-    if self._writer is None:
+    if self._writer is None and not self._failed:
       from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
-      self._writer = SummaryWriter(paths.tensorboard_dir(self._directory))
+      try:
+        self._writer = SummaryWriter(paths.tensorboard_dir(self._directory))
+      except OSError:
+        self._failed = True
+        return None
+      # The event file's writer, shared by the flushes and the writer thread
+      # (tensorboardX 2.6 internals; without them, its own behaviour).
+      # pylint: disable=protected-access
+      events = getattr(self._writer._get_file_writer(), "event_writer", None)
+      worker = getattr(events, "_worker", None)
+      if hasattr(events, "_ev_writer") and hasattr(worker, "_record_writer"):
+        events._ev_writer = worker._record_writer = _QuietRecords(
+            events._ev_writer)
       if self._hparams is not None:
         self._write_hparams(self._hparams)
     return self._writer
@@ -81,6 +123,8 @@ class TensorBoardWriter(MetricWriter):
 
   def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
     writer = self._open()
+    if writer is None:
+      return
     for k, v in scalars.items():
       writer.add_scalar(k, float(v), int(step))
 
