@@ -274,7 +274,15 @@ def export(workdir: str, out: str, seed: int | None = None,
   except (FileNotFoundError, ValueError):
     evaluated, kind = None, "latest"    # load_run says what is missing
   found = kind == "evaluated"
-  run = load_run(workdir, seed, evaluated if step is None else step)
+  try:
+    run = load_run(workdir, seed, evaluated if step is None else step)
+  except ckpt_lib.CorruptCheckpointError as e:
+    if step is not None or evaluated is None:
+      raise
+    # The evaluated model is damaged: the newest intact checkpoint, said.
+    print(f"warning: {' '.join(str(e).split())}; exporting the newest intact "
+          "checkpoint instead", file=sys.stderr)
+    run = load_run(workdir, seed, None)
   n = run["num_trained_classes"]
   if n == 0:
     raise ValueError(f"checkpoint {run['step']} of {run['seed_dir']} is taken "

@@ -231,14 +231,26 @@ def test_a_corrupt_latest_checkpoint_is_skipped_and_left_in_place(
   ckpts = run / "seed_1993" / "checkpoints"
   latest = max(int(n) for n in os.listdir(ckpts) if n.isdigit())
   _corrupt(ckpts / str(latest), "truncated")
+  # The default is the evaluated model (the checkpoint before the last
+  # end_task), which the damage did not reach.
   doc = export.export(str(run), str(tmp_path / "out"))
   assert doc["source"]["checkpoint"] == latest - 1
-  line, = capsys.readouterr().err.splitlines()
-  assert line.startswith(f"warning: checkpoint {latest} in {ckpts} is "
-                         "corrupt (its arrays are unreadable: ")
-  assert line.endswith(f"); skipped (left in place); using checkpoint "
-                       f"{latest - 1}")
+  assert doc["source"]["evaluated"]
+  assert capsys.readouterr().err == ""
   assert os.path.isdir(ckpts / str(latest))      # export writes no workdir
+  # The evaluated checkpoint damaged too: the newest intact one, each
+  # corrupt one named and left in place.
+  _corrupt(ckpts / str(latest - 1), "truncated")
+  doc = export.export(str(run), str(tmp_path / "out1"))
+  assert doc["source"]["checkpoint"] == latest - 2
+  assert not doc["source"]["evaluated"]
+  err = capsys.readouterr().err
+  assert f"checkpoint {latest - 1} in {ckpts} is corrupt" in err
+  assert (f"warning: checkpoint {latest} in {ckpts} is corrupt (its arrays "
+          "are unreadable: ") in err
+  assert err.rstrip().endswith(f"skipped (left in place); using checkpoint "
+                               f"{latest - 2}")
+  assert os.path.isdir(ckpts / str(latest - 1))
   assert export.main([str(run), f"--out={tmp_path}/o2",
                       f"--step={latest}"]) == 2
   err, = capsys.readouterr().err.splitlines()
