@@ -28,6 +28,8 @@ JSON has no NaN/Infinity: undefined numbers are ``null``.
   versions         ``collect_versions()``: slora_jax, jax, jaxlib, flax, optax,
                    orbax, numpy, python (null where not installed)
   backbone         {name, checkpoint_path, sha256 (or null)}
+  dry_run          only in a dry run's final file (``--config.dry_run=True``):
+                   `slora_jax.runner.dry_run.report`'s section
 
 Readers need only ``summary.acc``/``summary.aaa``, ``curves`` and
 ``acc_matrix`` (checked by ``validate_results``); the rest is provenance.
