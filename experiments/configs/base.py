@@ -33,7 +33,7 @@ def base() -> ml_collections.ConfigDict:
   # The whole loop with 2 train steps and 2 eval batches per task, then the
   # step's memory, FLOPs and projected wall time (slora_jax/runner/dry_run.py).
   c.dry_run = False
-  c.dry_run_batch_size = 0       # >0: the batch the dry run executes (CPU)
+  c.dry_run_batch_size = 0       # >0: the train batch it executes (CPU)
   c.dry_run_image_size = 0       # >0: the image size it executes at (CPU)
   c.model = _model()
   c.data = _data()

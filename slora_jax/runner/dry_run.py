@@ -6,17 +6,19 @@ experiment `executed` returns: the config's model, classes, tasks, evaluation
 and checkpoints, its first seed only, capped at `STEPS` train steps per task,
 and evaluated on a class-balanced subset of the seen classes' test images:
 `EVAL_BATCHES` batches, or one image of every seen class where those hold
-fewer (`eval_samples`). ``dry_run_batch_size`` / ``dry_run_image_size`` make
-the executed steps small enough for a CPU; `report` still compiles the train
-step at the config's own global batch and image size:
+fewer (`eval_samples`). ``dry_run_batch_size`` (train steps) and
+``dry_run_image_size`` make the executed steps small enough for a CPU;
+`report` still compiles the train step at the config's own global batch and
+image size:
 
 * peak host memory (``ru_maxrss``) of the loop;
 * XLA's memory analysis of the compiled train step per device at 1, 4 and 8
   devices of data parallelism. The step replicates every parameter and splits
   only the batch, so one device of an n-device mesh runs the step at
   ``batch / n`` plus an all-reduce of the trainable tree's gradients (adapters
-  and head, see ``trainable_mib``): the figures compile the step at
-  ``batch / n`` on one device;
+  and head, ``step.trainable_bytes``): the figures compile the step at
+  ``batch / n`` on one device. They are XLA:CPU's where the dry run runs on
+  a CPU: an accelerator's compiler fuses and lays out differently;
 * the checkpoint size after every task;
 * the whole run's projected wall time on TPU v4-8, v5e-8 and one H100 from
   XLA's FLOP count of the step, the run's step count and `MFU`, and whether
@@ -74,9 +76,10 @@ def executed(exp: config_lib.Experiment) -> config_lib.Experiment:
     return exp
   tr, small = exp.train, exp.dry_run_batch_size
   cap = min(STEPS, tr.max_steps_per_task) if tr.max_steps_per_task else STEPS
+  # The eval batch stays the config's: its 2 batches cover the seen classes.
   train = dataclasses.replace(
       tr, max_steps_per_task=cap, batch_size=small or tr.batch_size,
-      eval_batch_size=small or tr.eval_batch_size)
+      eval_batch_size=tr.eval_batch_size or tr.batch_size)
   model, data = exp.model, exp.data
   if exp.dry_run_image_size:
     size = exp.dry_run_image_size
@@ -200,8 +203,9 @@ def report(exp: config_lib.Experiment, session, checkpoints: list[dict],
       cost = compiled.cost_analysis()
       flops = float(cost["flops"]) if cost and "flops" in cost else None
   adapters, head, _ = _abstract_state(exp, session)
-  trainable = sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(
-      jax.eval_shape(sl.trainable_params, adapters, head)))
+  trainable = sum(math.prod(x.shape) * x.dtype.itemsize for x in
+                  jax.tree.leaves(jax.eval_shape(sl.trainable_params,
+                                                 adapters, head)))
   steps = _run_steps(exp, session.data)
   return {
       "steps_per_task": run.train.max_steps_per_task,

@@ -55,7 +55,7 @@ def train_and_evaluate(exp: config_lib.Experiment, workdir: str) -> list[dict]:
   config_json = paths.join(workdir, "config.json")
   with lock.hold(workdir), interrupt.handling_signals():
     return [run_seed(exp, int(seed), paths.join(workdir, f"seed_{seed}"),
-                     config_json) for seed in exp.seeds]
+                     config_json) for seed in dry_run.executed(exp).seeds]
 
 
 def run_seed(exp: config_lib.Experiment, seed: int, workdir: str,
