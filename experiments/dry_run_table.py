@@ -66,7 +66,7 @@ def row(name: str, d: dict) -> str:
   per = st["per_device"]
   proj = dr["projection"]
   hours = " / ".join(
-      f"{p['hours_per_seed']:.2f}{'' if p['fits'] else ' (no fit)'}"
+      f"{60 * p['hours_per_seed']:.1f}{'' if p['fits'] else ' (no fit)'}"
       for p in proj.values())
   ckpt = max(t["checkpoint_bytes"] for t in dr["tasks"]) / (1 << 20)
   sizes = d["task_sizes"]
@@ -79,7 +79,7 @@ def row(name: str, d: dict) -> str:
 
 HEADER = ("| config | tasks × classes | steps per seed | TFLOP per step | "
           "step memory per device at 1 / 4 / 8 devices (GiB) | largest "
-          "checkpoint (MiB) | peak host memory (GiB) | hours per seed: "
+          "checkpoint (MiB) | peak host memory (GiB) | minutes per seed: "
           "v4-8 / v5e-8 / H100 |\n|---|---|---|---|---|---|---|---|")
 
 

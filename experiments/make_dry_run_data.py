@@ -18,7 +18,7 @@ from absl import flags
 import numpy as np
 from PIL import Image
 
-_ROOT = flags.DEFINE_string("root", None, "Output folder.", required=True)
+_ROOT = flags.DEFINE_string("root", None, "Output folder (required).")
 _CLASSES = flags.DEFINE_integer("classes", 200, "Number of class folders.")
 _TRAIN = flags.DEFINE_integer("train_per_class", 2, "Train images per class.")
 _TEST = flags.DEFINE_integer("test_per_class", 1, "Test images per class.")
@@ -46,6 +46,8 @@ def write_folders(root: str, classes: int, train_per_class: int,
 
 def main(argv):
   del argv
+  if not _ROOT.value:
+    raise app.UsageError("pass --root=FOLDER")
   write_folders(_ROOT.value, _CLASSES.value, _TRAIN.value, _TEST.value,
                 _SIZE.value)
   print(f"wrote {_CLASSES.value} classes x ({_TRAIN.value} train + "

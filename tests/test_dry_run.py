@@ -9,13 +9,11 @@ import numpy as np
 import pytest
 
 from cli_util import ROOT, cli_env, run_cli, tail
-from experiments.configs import base
 from experiments.make_dry_run_data import write_folders
 from slora_jax.models import vit
 from slora_jax.runner import config as config_lib
 from slora_jax.runner import dry_run
 from slora_jax.runner import experiment_data
-from slora_jax.runner import train
 import tiny_config
 
 # config: (classes, tasks); every config's classes are its data set's.
@@ -24,6 +22,13 @@ PAPER = {"imagenet_r_5": (200, 5), "imagenet_r_10": (200, 10),
          "cub200_10": (200, 10), "domainnet_5": (345, 5),
          "cifar100_10": (100, 10)}
 CPU_BATCH = 4          # the train batch the dry runs execute on CPU
+SHALLOW = ("--config.dry_run=True", f"--config.dry_run_batch_size={CPU_BATCH}",
+           "--config.model.name=custom", "--config.model.init=random",
+           "--config.model.image_size=16", "--config.model.patch_size=8",
+           "--config.model.width=16", "--config.model.depth=1",
+           "--config.model.num_heads=2", "--config.model.mlp_dim=32",
+           "--config.data.image_size=16", "--config.data.resize_size=16",
+           "--config.data.num_workers=2")
 
 
 def test_eval_subset_covers_every_seen_class_in_turn():
@@ -110,20 +115,25 @@ def layouts(tmp_path_factory):
 
 
 @pytest.mark.parametrize("name", sorted(set(PAPER) - {"imagenet_r_10"}))
-def test_paper_config_dry_run_with_a_shallow_vit(name, layouts, tmp_path):
+def test_paper_config_dry_run_with_a_shallow_vit(name, layouts,
+                                                 tmp_path_factory):
   """The config's classes, task split, data layout, batch and evaluation; a
-  one-block ViT stands in for ViT-B/16 (tested above at full size)."""
+  one-block ViT stands in for ViT-B/16 (tested above at full size). Through
+  the entry point: the configs of 200 classes share their compiled steps
+  (the session's compilation cache)."""
   classes, tasks = PAPER[name]
   c = __import__(f"experiments.configs.{name}", fromlist=["_"]).get_config()
-  c.dry_run, c.dry_run_batch_size = True, CPU_BATCH
-  c.model.update(dict(name="custom", init="random", image_size=16,
-                      patch_size=8, width=16, depth=1, num_heads=2, mlp_dim=32))
-  c.data.update(dict(image_size=16, resize_size=16, num_workers=2))
-  if c.data.source == "tfds":
-    c.data.update(dict(name="slora_dry_cifar100", data_dir=layouts["tfds"]))
-  else:
-    c.data.root = layouts[classes]
-  exp = config_lib.from_config(c)
-  (d,) = train.train_and_evaluate(exp, str(tmp_path))
-  params = vit.count_params(vit.abstract_params(exp.model.vit_config()))
-  _check_dry_run(d, classes, tasks, base.base().train.batch_size, 16, params)
+  data = ([f"--config.data.data_dir={layouts['tfds']}",
+           "--config.data.name=slora_dry_cifar100"]
+          if c.data.source == "tfds" else
+          [f"--config.data.root={layouts[classes]}"])
+  work = tmp_path_factory.mktemp(name)
+  r = run_cli(cli_env(tmp_path_factory), work, *SHALLOW, *data,
+              config=os.path.join(ROOT, f"experiments/configs/{name}.py"))
+  assert r.returncode == 0, tail(r)
+  with open(work / "seed_1993" / "results.json") as f:
+    d = json.load(f)
+  cfg = vit.ViTConfig(image_size=16, patch_size=8, width=16, depth=1,
+                      num_heads=2, mlp_dim=32)
+  _check_dry_run(d, classes, tasks, c.train.batch_size, 16,
+                 vit.count_params(vit.abstract_params(cfg)))

@@ -257,8 +257,8 @@ def format_lines(d: dict) -> str:
                f"per seed x {d['seeds']} seed(s) at {d['mfu']:.0%} MFU:")
   for name, p in d["projection"].items():
     hours = ("n/a" if p["hours_per_seed"] is None else
-             f"{p['hours_per_seed']:.2f} h per seed, "
-             f"{p['hours_all_seeds']:.1f} h in all")
+             f"{60 * p['hours_per_seed']:,.1f} min per seed, "
+             f"{60 * p['hours_all_seeds']:,.1f} min in all")
     fits = {True: "fits", False: "does NOT fit", None: "memory n/a"}[p["fits"]]
     lines.append(f"  {name} ({p['chips']} x {p['peak_tflops_per_chip']:g} "
                  f"TFLOP/s): {hours}; step {fits} in "
