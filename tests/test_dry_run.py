@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from cli_util import ROOT, cli_env, run_cli, tail
+from experiments.benchmark import flops
 from experiments.make_dry_run_data import write_folders
 from slora_jax.models import vit
 from slora_jax.runner import config as config_lib
@@ -95,6 +96,9 @@ def test_imagenet_r_10_dry_run_at_full_model_size(tmp_path_factory):
     d = json.load(f)
   b16 = vit.count_params(vit.abstract_params(vit.vit_b16()))
   _check_dry_run(d, 200, 10, 128, 224, b16)
+  # XLA counts at least the step's matmuls (q and v of 12 blocks, rank 10).
+  hand = flops.analytic_flops(vit.vit_b16(), 128, 200, 0, 10, 24)
+  assert d["dry_run"]["step"]["flops"] >= hand["train_step"]
   assert "peak host memory" in r.stdout and "TPU v5e-8" in r.stdout
 
 
