@@ -47,6 +47,29 @@ def test_eval_subset_covers_every_seen_class_in_turn():
     assert np.bincount(labels).max() - np.bincount(labels).min() <= 1
 
 
+def test_per_device_memory_is_the_sharded_steps(tmp_path_factory):
+  """At batch/n on one device (a host with fewer devices) the step's memory
+  is the n-device sharded step's: the same arguments and outputs, and
+  temporaries within the size of the all-reduced trainable gradients."""
+  per = {}
+  for devices in (1, 8):
+    work = tmp_path_factory.mktemp(f"devices{devices}")
+    env = dict(cli_env(tmp_path_factory), XLA_FLAGS=(
+        f"--xla_force_host_platform_device_count={devices}"))
+    r = run_cli(env, work, "--config.dry_run=True")
+    assert r.returncode == 0, tail(r)
+    with open(work / "seed_1993" / "results.json") as f:
+      step = json.load(f)["dry_run"]["step"]
+    per[devices] = step["per_device"]
+  for n in ("4", "8"):
+    alone, sharded = per[1][n], per[8][n]
+    assert (alone["sharded"], sharded["sharded"]) == (False, True)
+    for key in ("batch", "arguments", "outputs", "aliased"):
+      assert alone[key] == sharded[key], (n, key)
+    extra = sharded["temporaries"] - alone["temporaries"]
+    assert abs(extra) <= step["trainable_bytes"], (n, extra)
+
+
 def _check_dry_run(d: dict, classes: int, tasks: int, batch: int, image: int,
                    depth_params: int):
   """What every dry run's results.json must show."""

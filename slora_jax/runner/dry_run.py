@@ -16,8 +16,9 @@ image size:
   devices of data parallelism. The step replicates every parameter and splits
   only the batch, so one device of an n-device mesh runs the step at
   ``batch / n`` plus an all-reduce of the trainable tree's gradients (adapters
-  and head, ``step.trainable_bytes``): the figures compile the step at
-  ``batch / n`` on one device. They are XLA:CPU's where the dry run runs on
+  and head, ``step.trainable_bytes``): where this host has fewer than n
+  devices the figures compile the step at ``batch / n`` on one device, else
+  the real sharded step (``sharded``). They are XLA:CPU's where the dry run runs on
   a CPU: an accelerator's compiler fuses and lays out differently;
 * the checkpoint size after every task;
 * the whole run's projected wall time on TPU v4-8, v5e-8 and one H100 from
@@ -38,6 +39,7 @@ import numpy as np
 import slora_jax as sl
 from slora_jax.models import vit as vit_lib
 from slora_jax.runner import config as config_lib
+from slora_jax.runner import parallel
 from slora_jax.runner import paths
 from slora_jax.runner import steps as steps_lib
 from slora_jax.runner.data import loader
@@ -130,22 +132,28 @@ def _abstract_state(exp: config_lib.Experiment, session):
   return adapters, head, opt_state
 
 
-def _compiled_step(exp: config_lib.Experiment, session, batch: int):
-  """The train step compiled at ``batch`` and the config's image size."""
+def _compiled_step(exp: config_lib.Experiment, session, batch: int,
+                   devices: int = 1):
+  """The train step at the config's image size, compiled for global ``batch``
+  split over a data mesh of the first ``devices`` devices (one: no mesh)."""
   cfg = exp.model.vit_config()
   model = vit_lib.VisionTransformer(cfg)
   apply_fn = lambda p, x: model.apply({"params": p}, x)
   step = steps_lib.make_train_step(apply_fn, session.data.num_classes,
                                    session.tx)
-  adapters, head, opt_state = _abstract_state(exp, session)
-  size = cfg.image_size
-  images = jax.ShapeDtypeStruct((batch, size, size, 3), np.float32)
-  rows = jax.ShapeDtypeStruct((batch,), np.int32)
-  mask = jax.ShapeDtypeStruct((batch,), np.float32)
+  state = (*_abstract_state(exp, session), vit_lib.abstract_params(cfg))
+  rows = {"image": ((batch, cfg.image_size, cfg.image_size, 3), np.float32),
+          "label": ((batch,), np.int32), "mask": ((batch,), np.float32)}
+  rep = split = None
+  if devices > 1:
+    mesh = parallel.make_mesh(jax.devices()[:devices])
+    rep, split = parallel.replicated(mesh), parallel.batch_sharding(mesh)
+    state = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), state)
+  images = {k: jax.ShapeDtypeStruct(*v, sharding=split)
+            for k, v in rows.items()}
   lo, hi = session.data.train_tasks[-1]
-  return step.lower(adapters, head, opt_state, vit_lib.abstract_params(cfg),
-                    {"image": images, "label": rows, "mask": mask},
-                    lo, hi, 0.01).compile()
+  return step.lower(*state, images, lo, hi, 0.01).compile()
 
 
 def _memory(compiled) -> dict:
@@ -197,8 +205,12 @@ def report(exp: config_lib.Experiment, session, checkpoints: list[dict],
   for n in DEVICE_COUNTS:
     if batch % n:
       continue          # a global batch that n devices cannot split evenly
-    compiled = _compiled_step(exp, session, batch // n)
-    per_device[str(n)] = {"batch": batch // n, **_memory(compiled)}
+    # The real sharded step where this host has n devices, else its equal.
+    sharded = 1 < n <= jax.device_count()
+    compiled = (_compiled_step(exp, session, batch, n) if sharded
+                else _compiled_step(exp, session, batch // n))
+    per_device[str(n)] = {"batch": batch // n, "sharded": sharded,
+                          **_memory(compiled)}
     if n == 1:
       cost = compiled.cost_analysis()
       flops = float(cost["flops"]) if cost and "flops" in cost else None
@@ -250,7 +262,9 @@ def format_lines(d: dict) -> str:
       " GFLOP; XLA memory analysis per device (arguments + outputs - "
       "aliased + temporaries):"]
   for n, m in st["per_device"].items():
-    lines.append(f"  {n} device(s), batch {m['batch']}: {_mib(m['arguments'])}"
+    how = "sharded" if m["sharded"] else "alone"
+    lines.append(f"  {n} device(s), batch {m['batch']} per device ({how}): "
+                 f"{_mib(m['arguments'])}"
                  f" + {_mib(m['outputs'])} - {_mib(m['aliased'])} + "
                  f"{_mib(m['temporaries'])} = {_mib(m['total'])}")
   lines.append(f"projected wall time of {d['run_steps_per_seed']:,} steps "
