@@ -30,6 +30,11 @@ def base() -> ml_collections.ConfigDict:
   c.log_every_steps = 10
   c.distributed = False          # jax.distributed.initialize() (multi-host)
   c.stop_after_steps = 0         # >0: leave after that many steps (preemption tests)
+  # The whole loop with 2 train steps and 2 eval batches per task, then the
+  # step's memory, FLOPs and projected wall time (slora_jax/runner/dry_run.py).
+  c.dry_run = False
+  c.dry_run_batch_size = 0       # >0: the train batch it executes (CPU)
+  c.dry_run_image_size = 0       # >0: the image size it executes at (CPU)
   c.model = _model()
   c.data = _data()
   c.adapter = _adapter()

@@ -201,6 +201,9 @@ class Experiment:
   log_every_steps: int
   distributed: bool
   stop_after_steps: int       # >0: leave after that many steps (tests)
+  dry_run: bool               # 2 steps and 2 eval batches per task; a report
+  dry_run_batch_size: int     # >0: the train batch a dry run executes
+  dry_run_image_size: int     # >0: the image size a dry run executes at
   model: ModelSettings
   data: DataSettings
   adapter: AdapterSettings

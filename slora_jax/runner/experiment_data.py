@@ -29,18 +29,21 @@ from slora_jax.runner.data import transforms
 __all__ = ["ExperimentData", "prepare"]
 
 
+def _rank_in_class(lab: np.ndarray) -> np.ndarray:
+  """Rank of each sample within its class (stable: split order)."""
+  by_class = np.argsort(lab, kind="stable")
+  starts = np.searchsorted(lab[by_class], lab[by_class])
+  rank = np.empty(len(lab), np.int64)
+  rank[by_class] = np.arange(len(lab)) - starts
+  return rank
+
+
 def _first_per_class(labels: np.ndarray, num_classes: int, k: int) -> np.ndarray:
   """Split positions with a label in ``[0, num_classes)``; at most k per class."""
   idx = np.flatnonzero((labels >= 0) & (labels < num_classes))
   if k <= 0:
     return idx
-  # Rank of each sample within its class (stable: split order).
-  lab = labels[idx]
-  by_class = np.argsort(lab, kind="stable")
-  starts = np.searchsorted(lab[by_class], lab[by_class])
-  rank = np.empty(len(idx), np.int64)
-  rank[by_class] = np.arange(len(idx)) - starts
-  return idx[rank < k]
+  return idx[_rank_in_class(labels[idx]) < k]
 
 
 @dataclasses.dataclass
@@ -66,6 +69,9 @@ class ExperimentData:
   process_index: int = 0
   process_count: int = 1
   manifest: dict | None = None   # what was read (`manifest_lib`)
+  # >0 (dry runs): evaluate that many test images per task, spread over the
+  # seen classes in turn, and never fewer than one per seen class.
+  eval_limit: int = 0
 
   @property
   def num_tasks(self) -> int:
@@ -93,7 +99,14 @@ class ExperimentData:
 
   def test_indices(self, hi: int) -> np.ndarray:
     """Test split positions of the classes ``[0, hi)``."""
-    return self.test_index[self.test_labels[self.test_index] < hi]
+    idx = self.test_index[self.test_labels[self.test_index] < hi]
+    if self.eval_limit <= 0:
+      return idx
+    # Round-robin over classes: the k-th image of every class before any
+    # class's (k+1)-th, so the first ``hi`` positions cover every class.
+    turn = np.lexsort((self.test_labels[idx], _rank_in_class(
+        self.test_labels[idx])))
+    return np.sort(idx[turn[:max(self.eval_limit, hi)]])
 
   def steps(self, t: int) -> tuple[int, int]:
     """(steps per epoch, total steps) of training phase ``t``.

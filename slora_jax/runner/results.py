@@ -35,6 +35,8 @@ JSON has no NaN/Infinity: undefined numbers are ``null``.
                     {repo, revision, commit, filename} for weights by name}
   data_manifest    optional, what the run read: per-class counts and a
                    sha256 of the file list (``slora_jax.runner.data.manifest``)
+  dry_run          only in a dry run's final file (``--config.dry_run=True``):
+                   `slora_jax.runner.dry_run.report`'s section
 
 Readers need only ``summary``, ``curves``, ``acc_matrix`` and ``complete``
 (``validate_results`` checks their types, and those of ``seed``,

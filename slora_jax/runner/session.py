@@ -22,6 +22,7 @@ import slora_jax as sl
 from slora_jax.runner import backbone as backbone_lib
 from slora_jax.runner import checkpoint as ckpt_lib
 from slora_jax.runner import config as config_lib
+from slora_jax.runner import dry_run
 from slora_jax.runner import experiment_data
 from slora_jax.runner import metrics
 from slora_jax.runner import parallel
@@ -161,6 +162,8 @@ def open_session(exp: config_lib.Experiment, seed: int, workdir: str) -> Session
                                               exp.raw.get("benchmark"))
   if warning and jax.process_index() == 0:
     logging.warning("%s", warning)
+  if exp.dry_run:
+    data.eval_limit = dry_run.eval_samples(exp.train)
   mesh = parallel.make_mesh()
   model_cfg, model, params, info = backbone_lib.build(exp.model, exp.data)
   apply_fn = lambda p, x: model.apply({"params": p}, x)

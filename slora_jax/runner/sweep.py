@@ -14,6 +14,7 @@ import statistics
 import jax
 
 from slora_jax.runner import config as config_lib
+from slora_jax.runner import dry_run
 from slora_jax.runner import methods as methods_lib
 from slora_jax.runner import paths
 from slora_jax.runner import results as results_lib
@@ -25,9 +26,10 @@ ALL = "all"
 
 
 def _header(exp: config_lib.Experiment, config_file: str, workdir: str) -> str:
-  seeds = ", ".join(str(s) for s in exp.seeds)
-  return (f"slora-jax: {exp.method.name} ({exp.semantics} semantics), seed(s) "
-          f"{seeds}; config {os.path.relpath(config_file)}\n"  # path-ok: local file
+  seeds = ", ".join(str(s) for s in dry_run.executed(exp).seeds)
+  dry = " (dry run)" if exp.dry_run else ""
+  return (f"slora-jax: {exp.method.name} ({exp.semantics} semantics){dry}, "
+          f"seed(s) {seeds}; config {os.path.relpath(config_file)}\n"  # path-ok: local file
           f"results: {workdir}/seed_<seed>/results.json and results.png; the "
           f"full config: {workdir}/config.json")
 

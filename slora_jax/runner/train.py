@@ -28,6 +28,7 @@ import numpy as np
 import slora_jax as sl
 from slora_jax.runner import checkpoint as ckpt_lib
 from slora_jax.runner import config as config_lib
+from slora_jax.runner import dry_run
 from slora_jax.runner import errors
 from slora_jax.runner import faults
 from slora_jax.runner import interrupt
@@ -54,7 +55,7 @@ def train_and_evaluate(exp: config_lib.Experiment, workdir: str) -> list[dict]:
   config_json = paths.join(workdir, "config.json")
   with lock.hold(workdir), interrupt.handling_signals():
     return [run_seed(exp, int(seed), paths.join(workdir, f"seed_{seed}"),
-                     config_json) for seed in exp.seeds]
+                     config_json) for seed in dry_run.executed(exp).seeds]
 
 
 def run_seed(exp: config_lib.Experiment, seed: int, workdir: str,
@@ -67,20 +68,36 @@ def run_seed(exp: config_lib.Experiment, seed: int, workdir: str,
   """
   ckpt_lib.check_workdir(workdir)                   # before data and compiles
   with _workdir_errors(workdir):
-    session = open_session(exp, seed, workdir)
+    session = open_session(dry_run.executed(exp), seed, workdir)
     print(report.session_line(session), flush=True)
     state = restore_or_start(session)
     if config_json and jax.process_index() == 0:
       results_lib.write_json(config_json, exp.raw)
+    checked = []                # dry run: each task's evaluation and checkpoint
     with interrupt.deferred():  # SIGINT/SIGTERM: stop at a step, saved
       for t in range(state.cursor.task, session.num_phases):
         state, timing = train_task(session, state, t)
         record = evaluate_task(session, state, t, timing)
         state = finish_task(session, state, record)
+        if exp.dry_run:
+          checked.append(_dry_run_task(session, t))
         if t + 1 < session.num_phases:
           _stop_if_requested(session, state, f"the end of task {t + 1}/"
                              f"{session.num_phases}")
-      return finish_run(session, state)
+      extra = None
+      if exp.dry_run:
+        extra = {"dry_run": dry_run.report(exp, session, checked,
+                                           dry_run.peak_host_bytes())}
+      return finish_run(session, state, extra)
+
+
+def _dry_run_task(s: Session, t: int) -> dict:
+  """What a dry run checks of task ``t``: its evaluation and checkpoint."""
+  hi = s.data.eval_hi(t)
+  seen = s.data.test_labels[s.data.test_indices(hi)]
+  return {"task": t, "seen_classes": hi, "eval_samples": len(seen),
+          "eval_classes": len(np.unique(seen)),
+          "checkpoint_bytes": dry_run.checkpoint_bytes(s.ckpt)}
 
 
 @contextlib.contextmanager
@@ -371,9 +388,12 @@ def finish_task(s: Session, state: Progress, record: dict) -> Progress:
   return state
 
 
-def finish_run(s: Session, state: Progress) -> dict:
-  """Writes the final results and plot, closes the run, prints the summary."""
-  payload = report.payload(s, state.done, state.adapters)
+def finish_run(s: Session, state: Progress, extra: dict | None = None) -> dict:
+  """Writes the final results and plot, closes the run, prints the summary.
+
+  ``extra``: further results.json sections (a dry run's ``dry_run``).
+  """
+  payload = {**report.payload(s, state.done, state.adapters), **(extra or {})}
   path = paths.join(s.workdir, results_lib.RESULTS_FILENAME)
   if jax.process_index() == 0:
     path = results_lib.write_results(s.workdir, payload)
@@ -384,4 +404,6 @@ def finish_run(s: Session, state: Progress) -> dict:
     s.writer.close()
   print(report.final_lines(payload, s.seed, time.perf_counter() - s.t_start,
                            path), flush=True)
+  if "dry_run" in payload:
+    print(dry_run.format_lines(payload["dry_run"]), flush=True)
   return payload
