@@ -1,16 +1,20 @@
 """The dry run (``--config.dry_run=True``): every paper config's whole task
 loop, capped, with the step's memory, FLOPs and projected wall time."""
 
+import hashlib
 import json
 import math
 import os
 
+import jax
 import numpy as np
 import pytest
 
 from cli_util import ROOT, cli_env, run_cli, tail
 from experiments.benchmark import flops
 from experiments.make_dry_run_data import write_folders
+from fake_hub import FakeHub, hub_env
+from slora_jax.models import convert
 from slora_jax.models import vit
 from slora_jax.runner import config as config_lib
 from slora_jax.runner import dry_run
@@ -104,19 +108,35 @@ def _check_dry_run(d: dict, classes: int, tasks: int, batch: int, image: int,
 
 
 def test_imagenet_r_10_dry_run_at_full_model_size(tmp_path_factory):
-  """ViT-B/16 (random weights) on 200 synthetic class folders: 10 tasks of 2
-  steps at batch 4 and 32 px, the step analysed at batch 128 and 224 px."""
+  """ViT-B/16 by name from a fake Hub (random weights under the config's
+  model.weights) on 200 synthetic class folders: 10 tasks of 2 steps at
+  batch 4 and 32 px (the 224-px position embedding resized, as for any other
+  image size), the step analysed at batch 128 and 224 px."""
   root = write_folders(str(tmp_path_factory.mktemp("inr")), 200, 2, 1)
   work = tmp_path_factory.mktemp("inr10")
-  r = run_cli(cli_env(tmp_path_factory), work,
-              "--config.dry_run=True",
-              f"--config.dry_run_batch_size={CPU_BATCH}",
-              "--config.dry_run_image_size=32", "--config.model.init=random",
-              f"--config.data.root={root}", "--config.data.num_workers=2",
-              config=os.path.join(ROOT, "experiments/configs/imagenet_r_10.py"))
+  hub_dir = tmp_path_factory.mktemp("hub")
+  config = os.path.join(ROOT, "experiments/configs/imagenet_r_10.py")
+  repo = __import__("experiments.configs.imagenet_r_10",
+                    fromlist=["_"]).get_config().model.weights
+  weights = hub_dir / "model.safetensors"
+  convert.save_timm_safetensors(
+      jax.device_get(vit.init_params(vit.vit_b16(), jax.random.key(0))),
+      weights, vit.vit_b16())
+  with FakeHub({repo: {"model.safetensors": weights}}) as fake:
+    r = run_cli(hub_env(fake, hub_dir / "hf", cli_env(tmp_path_factory)),
+                work, "--config.dry_run=True",
+                f"--config.dry_run_batch_size={CPU_BATCH}",
+                "--config.dry_run_image_size=32",
+                f"--config.data.root={root}", "--config.data.num_workers=2",
+                config=config)
+    assert fake.gets(repo) == 1
   assert r.returncode == 0, tail(r)
   with open(work / "seed_1993" / "results.json") as f:
     d = json.load(f)
+  assert d["backbone"]["hub"]["repo"] == repo
+  assert d["backbone"]["hub"]["commit"] == FakeHub.commit(repo)
+  assert d["backbone"]["sha256"] == hashlib.sha256(
+      weights.read_bytes()).hexdigest()
   b16 = vit.count_params(vit.abstract_params(vit.vit_b16()))
   _check_dry_run(d, 200, 10, 128, 224, b16)
   # XLA counts at least the step's matmuls (q and v of 12 blocks, rank 10).
