@@ -248,3 +248,16 @@ def test_config_names_resolve_to_packaged_files(tmp_path, monkeypatch):
   (tmp_path / "mine").write_text("")
   assert cli.resolve_config("mine") == "mine"
   assert "base" not in cli.config_names() and "imagenet_r_10" in cli.config_names()
+
+
+def test_experiments_extra_holds_what_the_tools_import():
+  """`pip install 'slora-jax[experiments]'` is enough for every tool but
+  import_reference and the benchmark's --torch (torch) and W&B logging."""
+  extras = PYPROJECT["optional-dependencies"]
+  have = set(_names(PYPROJECT["dependencies"]))
+  for group in ("experiments", "data"):     # experiments pulls in [data]
+    have |= set(_names(r for r in extras[group] if not r.startswith("slora-jax")))
+  assert "slora-jax[data]" in extras["experiments"]
+  tools = [*(ROOT / "slora_jax" / "runner").rglob("*.py"),
+           *(ROOT / "experiments").rglob("*.py")]
+  assert _third_party_imports(tools) - have == {"torch", "wandb"}
