@@ -43,6 +43,9 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 
 def _run(name: str, root: str, workdir: str) -> dict:
   config = os.path.join(_HERE, "configs", f"{name}.py")
+  # The child runs beside the package (so `-m experiments.run` imports from
+  # a clone): paths relative to the caller's directory are made absolute.
+  root, workdir = os.path.abspath(root), os.path.abspath(workdir)
   cmd = [sys.executable, "-m", "experiments.run", f"--config={config}",
          f"--workdir={workdir}", "--config.dry_run=True",
          f"--config.dry_run_batch_size={_BATCH.value}",

@@ -125,7 +125,10 @@ def _check_config_file(argv) -> None:
   path = _config_file(argv)
   file = path.partition(":")[0]
   if not os.path.isfile(file):  # path-ok
-    here = os.path.relpath(os.path.dirname(_DEMO))  # path-ok
+    # Relative in a clone; the installed package's folder is named whole.
+    here = os.path.dirname(_DEMO)  # path-ok
+    if not os.path.relpath(here).startswith(os.pardir):  # path-ok
+      here = os.path.relpath(here)  # path-ok
     names = sorted(n[:-3] for n in os.listdir(here)  # path-ok
                    if n.endswith(".py") and n not in ("__init__.py", "base.py"))
     _fail(f"config file {file!r} does not exist; pass --config=PATH to an "

@@ -5,6 +5,8 @@ import hashlib
 import json
 import math
 import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -184,3 +186,32 @@ def test_paper_config_dry_run_with_a_shallow_vit(name, layouts,
                       num_heads=2, mlp_dim=32)
   _check_dry_run(d, classes, tasks, c.train.batch_size, 16,
                  vit.count_params(vit.abstract_params(cfg)))
+
+
+_TABLE_CHILD = """
+import json, os, subprocess, sys
+from experiments import dry_run_table
+calls = []
+def fake_run(cmd, check, cwd):
+  calls.append(cmd)
+  workdir = [a for a in cmd if a.startswith("--workdir=")][0].split("=", 1)[1]
+  os.makedirs(os.path.join(workdir, "seed_1993"))
+  with open(os.path.join(workdir, "seed_1993", "results.json"), "w") as f:
+    f.write("{}")
+subprocess.run = fake_run
+dry_run_table.flags.FLAGS(["dry_run_table", "--workdir=dry"])
+dry_run_table._run("imagenet_r_5", "data", "dry/imagenet_r_5")
+print(json.dumps(calls[0]))
+"""
+
+
+def test_dry_run_table_hands_its_child_absolute_paths(tmp_path):
+  """The child `experiments.run` starts in the package's parent folder
+  (site-packages for an installed copy): relative paths must not move there."""
+  out = subprocess.run([sys.executable, "-c", _TABLE_CHILD], cwd=tmp_path,
+                       env=dict(os.environ, PYTHONPATH=ROOT), check=True,
+                       capture_output=True, text=True).stdout
+  flags = dict(a.split("=", 1) for a in json.loads(out) if "=" in a)
+  assert flags["--workdir"] == str(tmp_path / "dry" / "imagenet_r_5")
+  assert flags["--config.data.root"] == str(tmp_path / "data")
+  assert (tmp_path / "dry" / "imagenet_r_5" / "seed_1993").is_dir()

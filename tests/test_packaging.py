@@ -9,6 +9,7 @@ venv that sees the system's packages.
 """
 
 import ast
+import json
 import os
 import pathlib
 import shutil
@@ -18,6 +19,7 @@ import sysconfig
 import textwrap
 import tomllib
 
+import pytest
 from packaging.requirements import Requirement
 from packaging.version import Version
 
@@ -106,10 +108,11 @@ def test_import_is_light_and_loads_no_heavy_module():
 
 
 _BLOCK = textwrap.dedent("""
-    # TensorFlow, torch and the runner behave as if not installed.
+    # TensorFlow, torch, the runner and its tools behave as if not installed.
     import importlib.abc, importlib.util, sys
     def blocked(name):
-      return (name.split(".")[0] in ("tensorflow", "tensorflow_datasets", "torch")
+      return (name.split(".")[0] in ("tensorflow", "tensorflow_datasets", "torch",
+                                     "experiments")
               or name.startswith("slora_jax.runner"))
     class Block(importlib.abc.MetaPathFinder):
       def find_spec(self, name, path, target=None):
@@ -122,19 +125,23 @@ _BLOCK = textwrap.dedent("""
 """)
 
 
-def test_wheel_in_a_fresh_venv_runs_the_documented_examples(tmp_path):
-  src = tmp_path / "src"
+@pytest.fixture(scope="module")
+def venv(tmp_path_factory) -> pathlib.Path:
+  """A fresh venv with the wheel built from this checkout installed."""
+  tmp = tmp_path_factory.mktemp("wheel")
+  src = tmp / "src"
   src.mkdir()
   for name in ("pyproject.toml", "README.md"):
     shutil.copy(ROOT / name, src / name)
-  shutil.copytree(ROOT / "slora_jax", src / "slora_jax",
-                  ignore=shutil.ignore_patterns("__pycache__"))
+  for name in ("slora_jax", "experiments"):
+    shutil.copytree(ROOT / name, src / name,
+                    ignore=shutil.ignore_patterns("__pycache__"))
   subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps",
                   "--no-build-isolation", "--no-index", "-q", "-w",
-                  str(tmp_path / "dist"), str(src)], check=True,
+                  str(tmp / "dist"), str(src)], check=True,
                  capture_output=True)
-  wheel, = (tmp_path / "dist").glob("slora_jax-*.whl")
-  venv = tmp_path / "venv"
+  wheel, = (tmp / "dist").glob("slora_jax-*.whl")
+  venv = tmp / "venv"
   subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)],
                  check=True)
   python = str(venv / "bin" / "python")
@@ -149,6 +156,11 @@ def test_wheel_in_a_fresh_venv_runs_the_documented_examples(tmp_path):
       "".join(f"{p}\n" for p in sorted(ours)))
   subprocess.run([python, "-m", "pip", "install", "--no-deps", "--no-index",
                   "-q", str(wheel)], check=True, capture_output=True)
+  return venv
+
+
+def test_wheel_in_a_fresh_venv_runs_the_documented_examples(venv, tmp_path):
+  python = str(venv / "bin" / "python")
   script = tmp_path / "examples.py"
   script.write_text(_BLOCK + "\nimport slora_jax\nprint(slora_jax.__file__)\n"
                     + "\n".join(f"exec({code!r}, {{}})"
@@ -162,3 +174,90 @@ def test_wheel_in_a_fresh_venv_runs_the_documented_examples(tmp_path):
   assert first.startswith(str(venv)), first      # the installed copy ran
   assert "task 2: loss" in run.stdout
   assert sysconfig.get_paths()["purelib"] not in first
+
+
+# The packaged demo config shrunk to 2 tasks of 1 step on 20 generated
+# classes: it still loads the demo backbone shipped in the wheel.
+_SMALL_DEMO = ("--config.data.source=synthetic", "--config.data.name=synthetic",
+               "--config.data.synthetic.train_per_class=2",
+               "--config.data.synthetic.test_per_class=1",
+               "--config.data.num_classes=20", "--config.data.num_tasks=2",
+               "--config.train.max_steps_per_task=1",
+               "--config.train.batch_size=8", "--config.log.tensorboard=False")
+
+
+def test_console_script_runs_packaged_configs_outside_the_repository(
+    venv, tmp_path):
+  env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+  env["JAX_PLATFORMS"] = "cpu"
+
+  def cli(*args):
+    return subprocess.run([str(venv / "bin" / "slora-jax"), *args],
+                          cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=600)
+
+  where = subprocess.run(
+      [str(venv / "bin" / "python"), "-c",
+       "import experiments.cli as c; print(c.__file__)"],
+      cwd=tmp_path, env=env, check=True, capture_output=True, text=True)
+  assert where.stdout.startswith(str(venv)), where.stdout   # not the clone's
+  usage = cli("--help")
+  assert usage.returncode == 0, usage.stderr
+  from experiments import cli as cli_lib   # pylint: disable=import-outside-toplevel
+  for tool in cli_lib.TOOLS:
+    assert f"\n  {tool} " in usage.stdout
+  for args, start in ((["nope"], "error: unknown tool 'nope'; one of: run,"),
+                      (["run", "--config=nope"], "error: no config named "
+                       "'nope'; pass --config=PATH")):
+    bad = cli(*args)
+    assert bad.returncode == 2 and len(bad.stderr.splitlines()) == 1, bad.stderr
+    assert bad.stderr.startswith(start), bad.stderr
+  assert "imagenet_r_10" in bad.stderr
+  run = cli("run", "--config=demo", *_SMALL_DEMO, "--workdir=w")
+  assert run.returncode == 0, run.stderr[-3000:]
+  res = json.loads((tmp_path / "w" / "seed_1993" / "results.json").read_text())
+  assert res["complete"] and len(res["acc_matrix"]) == 2
+  manifest = json.loads((ROOT / "experiments/assets/demo_vit.json").read_text())
+  assert res["backbone"]["checkpoint_path"].startswith(str(venv))
+  assert res["backbone"]["sha256"] == manifest["sha256"]
+  compare = cli("compare", "w/seed_1993/results.json")
+  assert compare.returncode == 0, compare.stderr
+  assert "1 run (seed 1993)" in compare.stdout and "Acc" in compare.stdout
+
+
+def test_every_runnable_tool_is_a_console_script_tool():
+  from experiments import cli   # pylint: disable=import-outside-toplevel
+  runnable = {p.stem for p in (ROOT / "experiments").glob("*.py")
+              if 'if __name__ == "__main__":' in p.read_text()}
+  runnable -= {"cli", "torch_reference"}   # the benchmark's child process
+  assert {m.split(".")[1] for m, _ in cli.TOOLS.values()} == runnable | {"benchmark"}
+  assert set(cli.TOOLS) == {m.split(".")[1] for m, _ in cli.TOOLS.values()}
+
+
+def test_config_names_resolve_to_packaged_files(tmp_path, monkeypatch):
+  from experiments import cli   # pylint: disable=import-outside-toplevel
+  monkeypatch.chdir(tmp_path)
+  demo = str(ROOT / "experiments" / "configs" / "demo.py")
+  assert cli.resolve_config("demo") == demo
+  assert cli.resolve_config("demo:arg") == demo + ":arg"
+  (tmp_path / "demo").mkdir()              # a folder of that name: still ours
+  assert cli._with_config_paths(["--config", "demo", "--config.seeds=(1,)"]) == [
+      "--config", demo, "--config.seeds=(1,)"]
+  for path in ("mine.py", "configs/demo", str(tmp_path / "x.py:arg")):
+    assert cli.resolve_config(path) == path  # paths reach experiments.run
+  (tmp_path / "mine").write_text("")
+  assert cli.resolve_config("mine") == "mine"
+  assert "base" not in cli.config_names() and "imagenet_r_10" in cli.config_names()
+
+
+def test_experiments_extra_holds_what_the_tools_import():
+  """`pip install 'slora-jax[experiments]'` is enough for every tool but
+  import_reference and the benchmark's --torch (torch) and W&B logging."""
+  extras = PYPROJECT["optional-dependencies"]
+  have = set(_names(PYPROJECT["dependencies"]))
+  for group in ("experiments", "data"):     # experiments pulls in [data]
+    have |= set(_names(r for r in extras[group] if not r.startswith("slora-jax")))
+  assert "slora-jax[data]" in extras["experiments"]
+  tools = [*(ROOT / "slora_jax" / "runner").rglob("*.py"),
+           *(ROOT / "experiments").rglob("*.py")]
+  assert _third_party_imports(tools) - have == {"torch", "wandb"}
