@@ -42,10 +42,16 @@ def activation_space_forward(params, x, history, mags, current, alpha):
 
 
 def random_trained(ad, key):
-  leaves, tdef = jax.tree.flatten(ad.trainable["current"])
-  keys = jax.random.split(key, len(leaves))
-  cur = jax.tree.unflatten(tdef, [l + 0.5 * jax.random.normal(k, l.shape)
-                                  for l, k in zip(leaves, keys)])
+  """The current pair moved as training moves it: its task's rank rows of A
+  and columns of B (the pair is max_rank wide; the rest gets zero gradient)."""
+  rank = ad.rank
+  cur = {}
+  for i, (name, p) in enumerate(sorted(ad.trainable["current"].items())):
+    ka, kb = jax.random.split(jax.random.fold_in(key, i))
+    a = p["A"].at[:rank].add(0.5 * jax.random.normal(ka, p["A"][:rank].shape))
+    b = p["B"].at[:, :rank].add(
+        0.5 * jax.random.normal(kb, p["B"][:, :rank].shape))
+    cur[name] = {"A": a, "B": b}
   return ad.replace(trainable=ad.trainable | {"current": cur})
 
 
@@ -139,7 +145,11 @@ def test_shapes_and_ranks_vary_per_task(d_in, d_out, ranks, extra_capacity, sema
     ad = sl.begin_task(ad, jax.random.key(t), r)
     assert ad.rank == r
     cur = ad.trainable["current"]["w/kernel"]
-    assert cur["A"].shape == (r, d_in) and cur["B"].shape == (d_out, r)
+    # max_rank wide whatever the task's rank (a rank change never
+    # recompiles a step), zero past it.
+    assert cur["A"].shape == (max_rank, d_in)
+    assert cur["B"].shape == (d_out, max_rank)
+    assert not np.any(np.asarray(cur["A"])[r:])
     bound = 1 / np.sqrt(d_in)
     assert np.all(np.abs(np.asarray(cur["A"])) <= bound) and not np.any(cur["B"])
     ad = random_trained(ad, jax.random.key(100 + t))
