@@ -179,6 +179,7 @@ def test_wheel_in_a_fresh_venv_runs_the_documented_examples(venv, tmp_path):
 # The packaged demo config shrunk to 2 tasks of 1 step on 20 generated
 # classes: it still loads the demo backbone shipped in the wheel.
 _SMALL_DEMO = ("--config.data.source=synthetic", "--config.data.name=synthetic",
+               "--config.data.synthetic.num_classes=20",
                "--config.data.synthetic.train_per_class=2",
                "--config.data.synthetic.test_per_class=1",
                "--config.data.num_classes=20", "--config.data.num_tasks=2",
