@@ -31,8 +31,9 @@ _ONLY = flags.DEFINE_list("configs", [], "Configs to run (default: all).")
 # config: (classes, train images per class). ImageNet-R ~24,000 and
 # ImageNet-A ~6,000 train images (docs/semantics.md §6.1), CIFAR-100's
 # 50,000, CUB-200-2011's official 5,994 (~30 per class); DomainNet's split is
-# unknown to the reference: 120 per class here, a tenth of its official
-# 409,832 train images (its hours scale with the images).
+# unknown to the reference: 120 per class here, about a tenth of the 409,832
+# train images of DomainNet's own lists (Peng et al. 2019; InfLoRA's lists,
+# which the paper follows, were not counted); its hours scale with them.
 TRAIN_PER_CLASS = {
     "imagenet_r_5": (200, 120), "imagenet_r_10": (200, 120),
     "imagenet_r_20": (200, 120), "imagenet_a_10": (200, 30),
