@@ -141,13 +141,6 @@ def checkpoint_cursor(workdir: str, seed: int | None = None,
   return step, meta["cursor"]
 
 
-def _rules(exp: config_lib.Experiment, model_cfg):
-  # The run's target rules, as slora_jax.runner.session builds them.
-  if exp.adapter.targets == "qv":
-    return sl.vit_qv_rules(model_cfg.qkv)
-  return tuple(sl.kernel(p) for p in exp.adapter.targets.split(","))
-
-
 def load_run(workdir: str, seed: int | None = None, step: int | None = None):
   """A run's backbone, adapters and head at one checkpoint.
 
@@ -164,7 +157,8 @@ def load_run(workdir: str, seed: int | None = None, step: int | None = None):
   model_cfg, model, params, _ = backbone_lib.build(exp.model, exp.data)
   previous = state["frozen"]["previous"]
   first = next(iter(previous.values()))["A"]
-  spec = sl.AdapterSpec(sl.find_targets(params, _rules(exp, model_cfg)),
+  rules = exp.adapter.rules(model_cfg.qkv)    # as the run built them
+  spec = sl.AdapterSpec(sl.find_targets(params, rules),
                         capacity=first.shape[0], max_rank=first.shape[1],
                         policy=exp.policy())
   to_jax = lambda tree: jax.tree.map(jax.numpy.asarray, tree)
