@@ -6,6 +6,8 @@ does. Tolerances: the issue's 1e-5 relative, plus an absolute floor of
 the longest float32 sum in the comparison.
 """
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -15,7 +17,8 @@ import jax.numpy as jnp
 from slora_jax import head as head_lib
 from slora_jax.methods import inflora
 from slora_jax.models import convert, vit
-from slora_jax.runner import method_api, methods_inflora
+from slora_jax.runner.methods import inflora as methods_inflora
+from tests import method_util
 from tests.test_vit import random_timm_state_dict
 
 torch = pytest.importorskip("torch")
@@ -58,9 +61,13 @@ def _port(sd, head=None):
 
 
 def _method(epochs=2, lr=2e-3):
-  config = methods_inflora.InfLoRAConfig(rank=RANK, init_epochs=epochs,
-                                         epochs=epochs, init_lr=lr, lr=lr)
-  return methods_inflora.InfLoRA(vit.VisionTransformer(CFG), config)
+  """The plug-in and the run it sees."""
+  settings = methods_inflora.InfLoRASettings(rank=RANK, epochs=epochs,
+                                             init_lr=lr, lr=lr)
+  run = method_util.run(
+      None, settings, model=vit.VisionTransformer(CFG), model_config=CFG,
+      width=D, num_classes=TASKS * CPT, num_phases=TASKS, seed=5)
+  return methods_inflora.InfLoRA(), run
 
 
 def _same_rows_up_to_sign(got, want, n):
@@ -70,8 +77,9 @@ def _same_rows_up_to_sign(got, want, n):
 
 def test_covariance_and_designed_a_match(case):
   sd, params, batches = case
-  method, port = _method(), _port(sd)
-  covs = method.covariances(params, lambda: batches[0])
+  (method, run), port = _method(), _port(sd)
+  covs = method.covariances(run, params,
+                            lambda: method_util.as_batches(batches[0]))
   want = port.collect(batches[0], task=0)
   paths = list(covs)
   tokens = 2 * 8 * CFG.seq_len
@@ -110,10 +118,12 @@ def test_forward_and_gradients_match(case):
                        "B_k": torch.tensor(b[p + "[k]"]).requires_grad_(True),
                        "B_v": torch.tensor(b[p + "[v]"]).requires_grad_(True)}
   images, labels = batches[1][0]
-  method = _method()
+  method, run = _method()
   arrays = {"params": params, "a": a, "b": b, "head": head}
+  batch = method_util.as_batches([(images, labels)])[0]
+  task = {"index": 1, "lo": 2, "hi": 4}
   loss, grads = jax.jit(jax.value_and_grad(
-      lambda tr: method.loss({**arrays, **tr}, images, labels, 2, 4)))(
+      lambda tr: method.loss(run, {**arrays, **tr}, None, batch, task)[0]))(
           {"b": b, "head": head})
   hw, hb = (x.requires_grad_(True) for x in port.heads_w[1])
   feats = port.features(images, task=1)
@@ -122,7 +132,7 @@ def test_forward_and_gradients_match(case):
                           torch.tensor(labels - 2).long())
   want.backward()
   # pylint: disable-next=protected-access
-  adapted = lambda ar: method._features(method._adapted(ar), images)
+  adapted = lambda ar: run.features(method._adapted(ar), images)
   got_feats = jax.jit(adapted)(arrays)
   _close(got_feats, feats.detach().numpy(), D)
   _close(loss, want.item(), D)
@@ -134,19 +144,19 @@ def test_forward_and_gradients_match(case):
   assert not np.asarray(grads["head"]["kernel"][:, :2]).any()
 
 
-def _task(t, batches):
-  return method_api.Task(t, TASKS, t * CPT, (t + 1) * CPT, TASKS * CPT,
-                         lambda: batches[t], lambda: batches[t])
-
-
 def test_two_task_trajectory_matches(case):
   sd, params, batches = case
-  method = _method()
-  state = method.init_state(jax.random.key(5), params, TASKS * CPT)
+  method, run = _method()
+  state = method.init(run, params)
+  # The head this test has always started from (the runner's init differs).
+  state = dataclasses.replace(state, arrays={
+      **state.arrays,
+      "head": head_lib.init_head(jax.random.key(5), D, TASKS * CPT)})
   port = _port(sd, state.arrays["head"])
   base = params
   for t in range(TASKS):
-    state, losses = method_api.run_task(method, state, _task(t, batches))
+    task = method_util.task(t, t * CPT, (t + 1) * CPT, batches[t], epochs=2)
+    state, losses, _ = method_util.run_task(method, run, state, task, params)
     port.design(t, port.collect(batches[t], task=t))
     want_losses = port.train(t, batches[t], epochs=2, lr=2e-3)
     thresh = inflora.threshold(t, TASKS, 0.95, 1.0)
@@ -164,13 +174,16 @@ def test_two_task_trajectory_matches(case):
       want = sum(port.lora[s][i // 2][kv] @ port.lora[s][i // 2]["A" + kv[1:]]
                  for s in range(t + 1)).detach().numpy().T
       _close(w[:, lo:hi], want, 8 * D)
-    for mem, want in zip(state.host["memory"].values(), port.feature_list):
+    memory = method._memory(state.host)  # pylint: disable=protected-access
+    for mem, want in zip(memory.values(), port.feature_list):
       assert mem.basis.shape == want.shape
       _close(mem.basis @ mem.basis.T, want @ want.T, D * D)
-    assert [m.retain for m in state.host["memory"].values()] == [
+    assert [m.retain for m in memory.values()] == [
         k == "retain" for k in port.project_type]
   images = batches[1][1][0]
-  _close(jax.jit(method.logits)(state.arrays, images),
+  logits = jax.jit(lambda ar, x: method.logits(
+      run, method.eval_arrays(run, ar, None), x))
+  _close(logits(state.arrays, images),
          port.logits(images, task=1).detach().numpy(), 8 * D)
 
 

@@ -8,7 +8,8 @@ import jax.numpy as jnp
 
 from slora_jax.methods import simplecil
 from slora_jax.models import vit
-from slora_jax.runner import method_api, methods_simplecil
+from slora_jax.runner.methods import simplecil as methods_simplecil
+from tests import method_util
 
 torch = pytest.importorskip("torch")
 from experiments import torch_inflora  # pylint: disable=wrong-import-position
@@ -58,12 +59,14 @@ def test_plugin_keeps_earlier_prototypes_and_trains_nothing():
   rng = np.random.default_rng(3)
   batches = [[(rng.uniform(0, 1, (4, 16, 16, 3)).astype(np.float32),
                np.array([2 * t, 2 * t + 1] * 2, np.int32))] for t in range(2)]
-  method = methods_simplecil.SimpleCIL(model)
-  state = method.init_state(None, params, 4)
+  method = methods_simplecil.SimpleCIL()
+  run = method_util.run(method, model=model, model_config=cfg,
+                        width=cfg.width, num_classes=4, num_phases=2)
+  state = method.init(run, params)
+  assert method.epochs(None) == 0 and not method.trainable(state.arrays)
   for t in range(2):
-    task = method_api.Task(t, 2, 2 * t, 2 * t + 2, 4, lambda t=t: batches[t],
-                           lambda t=t: batches[t])
-    state, losses = method_api.run_task(method, state, task)
+    task = method_util.task(t, 2 * t, 2 * t + 2, batches[t], epochs=0)
+    state, losses, _ = method_util.run_task(method, run, state, task, params)
     assert losses == []
   apply = jax.jit(model.apply)
   feats = np.concatenate([np.asarray(apply({"params": params}, b[0][0]))
@@ -73,6 +76,7 @@ def test_plugin_keeps_earlier_prototypes_and_trains_nothing():
   # Means of 2 features per class: 2 sums and a division, 4 eps at most.
   np.testing.assert_allclose(state.arrays["protos"], want_w, rtol=1e-5,
                              atol=4 * EPS * np.abs(want_w).max())
-  got = jax.jit(method.logits)(state.arrays, np.concatenate(
+  got = jax.jit(lambda ar, x: method.logits(
+      run, method.eval_arrays(run, ar, params), x))(state.arrays, np.concatenate(
       [b[0][0] for b in batches]))
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=cfg.width * EPS)

@@ -6,7 +6,11 @@ benchmark needs; every field can be overridden on the command line
 logged runs (docs/semantics.md §5) unless a comment says otherwise.
 """
 
+import dataclasses
+
 import ml_collections
+
+from slora_jax.runner import methods as methods_lib
 from ml_collections import config_dict
 
 # The paper reports the mean of five runs; the seeds are the reference's
@@ -17,9 +21,10 @@ PAPER_SEEDS = (1993, 1994, 1995, 1996, 1997)
 def base() -> ml_collections.ConfigDict:
   """Every field the runner reads (slora_jax/runner/config.py), with defaults."""
   c = ml_collections.ConfigDict()
-  # A key of slora_jax/runner/methods.py's METHODS: sdlora | sdlora_rr |
-  # sdlora_kd | seq_lora (one LoRA fine-tuned on every task in turn) | joint
-  # (one LoRA on all classes at once: the upper bound).
+  # A key of slora_jax/runner/methods/__init__.py's METHODS: sdlora |
+  # sdlora_rr | sdlora_kd | seq_lora (one LoRA fine-tuned on every task in
+  # turn) | linear_probe | joint (one LoRA on all classes at once: the upper
+  # bound) | inflora | simplecil; 'all' runs each in turn.
   c.method = "sdlora"
   # 'reference': what the official code does (magnitudes 0.8, re-created per
   # task, factor-norm normalisation); 'paper': what the paper writes.
@@ -44,6 +49,11 @@ def base() -> ml_collections.ConfigDict:
   # set (wandb_mode: '' = W&B's default / WANDB_MODE, 'online', 'offline').
   c.log = ml_collections.ConfigDict(dict(
       tensorboard=True, wandb_project="", wandb_entity="", wandb_mode=""))
+  # Each method's own settings (methods.<name>), defaults from its module;
+  # only the running method's section is read (and fingerprinted).
+  c.methods = ml_collections.ConfigDict({
+      name: dataclasses.asdict(settings)
+      for name, settings in methods_lib.default_settings().items()})
   return c
 
 

@@ -195,6 +195,7 @@ class Experiment:
   """A whole validated config. ``raw`` is the config as a plain dict (for
   results.json); nothing reads settings from it."""
   method: methods_lib.Method
+  methods: dict               # {name: settings dataclass} (methods.<name>)
   semantics: str
   seeds: tuple[int, ...]
   benchmark: str
@@ -279,6 +280,8 @@ def from_config(config) -> Experiment:
   raw = config.to_dict() if hasattr(config, "to_dict") else dict(config)
   d = dict(config.items())
   d.setdefault("log", dict(_LOG_DEFAULTS))
+  # A config saved before the methods section existed reads as the defaults.
+  methods_node = dict(d.pop("methods", None) or {})
   try:
     method = methods_lib.get_method(str(d.pop("method", "")))
     policy_lib.get_policy(str(d.get("semantics", "")))
@@ -286,7 +289,7 @@ def from_config(config) -> Experiment:
     raise ConfigError(f"{e} (--config.method / --config.semantics)") from None
   hints = typing.get_type_hints(Experiment)
   names = [f.name for f in dataclasses.fields(Experiment)
-           if f.name not in ("method", "raw")]
+           if f.name not in ("method", "methods", "raw")]
   unknown = sorted(set(d) - set(names))
   missing = [n for n in names if n not in d]
   if unknown or missing:
@@ -294,9 +297,27 @@ def from_config(config) -> Experiment:
                      f"{missing}, unknown {unknown}; start configs from "
                      "experiments/configs/base.py")
   values = {n: _convert(hints[n], d[n], n) for n in names}
-  exp = Experiment(method=method, raw=raw, **values)
+  exp = Experiment(method=method, methods=_method_settings(methods_node),
+                   raw=raw, **values)
   _validate(exp)
   return exp
+
+
+def _method_settings(node: dict) -> dict:
+  """Each registered method's settings from ``methods.<name>`` (defaults
+  for a section the config lacks); an unknown section is an error."""
+  out = {}
+  unknown = sorted(set(node) - set(methods_lib.METHODS))
+  if unknown:
+    raise ConfigError(f"config section methods has {unknown}, which name no "
+                      f"method; the methods are {', '.join(methods_lib.METHODS)}")
+  for name, defaults in methods_lib.default_settings().items():
+    section = node.get(name)
+    if section is None:
+      out[name] = defaults
+    else:
+      out[name] = _build(type(defaults), dict(section), f"methods.{name}")
+  return out
 
 
 # --- values that cannot be right ----------------------------------------------
@@ -320,6 +341,7 @@ def _validate(exp: Experiment) -> None:
            "log.wandb_mode must be '', 'online' or 'offline', got "
            f"{exp.log.wandb_mode!r}")
   _check_adapter(exp, _vit_config(exp.model))
+  exp.method.check(exp)
 
 
 def _check_seeds(seeds: tuple[int, ...]) -> None:
@@ -392,8 +414,11 @@ def _check_adapter(exp: Experiment, cfg: vit_lib.ViTConfig) -> None:
 def settings_dict(exp: Experiment) -> dict:
   """Every validated field as nested plain values (the method by its name)."""
   out = {"method": exp.method.name}
+  mine = exp.methods.get(exp.method.name)
+  if mine is not None:          # only the running method's section counts
+    out["methods"] = {exp.method.name: dataclasses.asdict(mine)}
   for f in dataclasses.fields(exp):
-    if f.name not in ("method", "raw"):
+    if f.name not in ("method", "methods", "raw"):
       v = getattr(exp, f.name)
       out[f.name] = dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v
   return out

@@ -29,6 +29,7 @@ image size:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import resource
 import sys
@@ -36,7 +37,6 @@ import sys
 import jax
 import numpy as np
 
-import slora_jax as sl
 from slora_jax.models import vit as vit_lib
 from slora_jax.runner import config as config_lib
 from slora_jax.runner import parallel
@@ -118,30 +118,31 @@ def _abstract(tree):
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
 
 
-def _abstract_state(exp: config_lib.Experiment, session):
-  """Shapes of the adapters (last task begun), head and optimiser state."""
-  n_cls = session.data.num_classes
-  adapters = jax.eval_shape(
-      lambda a: sl.begin_task(a, jax.random.key(0),
-                              exp.rank(session.num_phases - 1)),
-      session.template)
-  head = jax.eval_shape(
-      lambda: sl.init_head(jax.random.key(0), session.width, n_cls))
-  opt_state = jax.eval_shape(
-      lambda a, h: session.tx.init(sl.trainable_params(a, h)), adapters, head)
-  return adapters, head, opt_state
+def _abstract_state(run, method, backbone):
+  """Shapes of the method's arrays and its fresh optimiser state."""
+  ms = jax.eval_shape(lambda b: method.init(run, b), backbone)
+  opt = jax.eval_shape(
+      functools.partial(steps_lib.init_opt_state, method, run), ms.arrays)
+  return steps_lib.TrainState(ms.arrays, opt)
+
+
+def _full_run(exp: config_lib.Experiment, session):
+  """The method's `Run` at the config's model size, and its backbone shapes."""
+  cfg = exp.model.vit_config()
+  backbone = vit_lib.abstract_params(cfg)
+  return dataclasses.replace(session.run, model=vit_lib.VisionTransformer(cfg),
+                             model_config=cfg, backbone_template=backbone,
+                             exp=exp), backbone
 
 
 def _compiled_step(exp: config_lib.Experiment, session, batch: int,
                    devices: int = 1):
   """The train step at the config's image size, compiled for global ``batch``
   split over a data mesh of the first ``devices`` devices (one: no mesh)."""
-  cfg = exp.model.vit_config()
-  model = vit_lib.VisionTransformer(cfg)
-  apply_fn = lambda p, x: model.apply({"params": p}, x)
-  step = steps_lib.make_train_step(apply_fn, session.data.num_classes,
-                                   session.tx)
-  state = (*_abstract_state(exp, session), vit_lib.abstract_params(cfg))
+  run, backbone = _full_run(exp, session)
+  cfg = run.model_config
+  step = steps_lib.make_train_step(session.method, run)
+  state = (_abstract_state(run, session.method, backbone), backbone)
   rows = {"image": ((batch, cfg.image_size, cfg.image_size, 3), np.float32),
           "label": ((batch,), np.int32), "mask": ((batch,), np.float32)}
   rep = split = None
@@ -153,7 +154,9 @@ def _compiled_step(exp: config_lib.Experiment, session, batch: int,
   images = {k: jax.ShapeDtypeStruct(*v, sharding=split)
             for k, v in rows.items()}
   lo, hi = session.data.train_tasks[-1]
-  return step.lower(*state, images, lo, hi, 0.01).compile()
+  task = steps_lib.task_args(session.num_phases - 1, lo, hi, 0.01)
+  train_state, params = state
+  return step.lower(train_state, images, task, params).compile()
 
 
 def _memory(compiled) -> dict:
@@ -162,7 +165,7 @@ def _memory(compiled) -> dict:
          "outputs": m.output_size_in_bytes,
          "aliased": m.alias_size_in_bytes,
          "temporaries": m.temp_size_in_bytes}
-  # Donated arguments (adapters, head, optimiser state) hold the outputs.
+  # Donated arguments (the train state) hold the outputs.
   out["total"] = (out["arguments"] + out["outputs"] - out["aliased"]
                   + out["temporaries"])
   return {k: int(v) for k, v in out.items()}
@@ -170,10 +173,10 @@ def _memory(compiled) -> dict:
 
 def _run_steps(exp: config_lib.Experiment, data) -> int:
   """Train steps of every phase of the real run (one seed)."""
-  tr, total = exp.train, 0
+  tr, total, epochs = exp.train, 0, exp.method.epochs(exp)
   for t in range(len(data.train_tasks)):
     steps = loader.steps_per_epoch(len(data.train_indices(t)),
-                                   tr.batch_size) * tr.epochs
+                                   tr.batch_size) * epochs
     total += min(steps, tr.max_steps_per_task) if tr.max_steps_per_task \
         else steps
   return total
@@ -202,8 +205,9 @@ def report(exp: config_lib.Experiment, session, checkpoints: list[dict],
   run = session.exp
   batch = exp.train.batch_size
   per_device, flops = {}, None
+  trains = session.method.epochs(exp) > 0   # else there is no train step
   for n in DEVICE_COUNTS:
-    if batch % n:
+    if batch % n or not trains:
       continue          # a global batch that n devices cannot split evenly
     # The real sharded step where this host has n devices, else its equal.
     sharded = 1 < n <= jax.device_count()
@@ -214,10 +218,11 @@ def report(exp: config_lib.Experiment, session, checkpoints: list[dict],
     if n == 1:
       cost = compiled.cost_analysis()
       flops = float(cost["flops"]) if cost and "flops" in cost else None
-  adapters, head, _ = _abstract_state(exp, session)
+  full, backbone = _full_run(exp, session)
+  state = _abstract_state(full, session.method, backbone)
   trainable = sum(math.prod(x.shape) * x.dtype.itemsize for x in
-                  jax.tree.leaves(jax.eval_shape(sl.trainable_params,
-                                                 adapters, head)))
+                  jax.tree.leaves(jax.eval_shape(session.method.trainable,
+                                                 state.arrays)))
   steps = _run_steps(exp, session.data)
   return {
       "steps_per_task": run.train.max_steps_per_task,

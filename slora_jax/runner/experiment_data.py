@@ -142,6 +142,16 @@ class ExperimentData:
     with it:
       yield it
 
+  def plain_train_batches(self, t: int) -> loader.Batches:
+    """Local batches over phase ``t``'s training samples with the evaluation
+    transforms, padded (what statistics such as prototypes are taken on)."""
+    d = self.data
+    return loader.eval_batches(
+        self.split_train, self.train_indices(t), self.train_labels,
+        self.train.eval_batch_size or self.train.batch_size,
+        transforms.EvalTransform(d.image_size, d.test_resize, d.normalize),
+        **self._loader_args())
+
   def eval_hi(self, t: int) -> int:
     """Classes seen after training phase ``t`` (joint: all)."""
     return self.train_tasks[t][1]

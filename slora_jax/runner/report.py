@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Sequence
 
-import slora_jax as sl
 from slora_jax.runner import metrics
 from slora_jax.runner import paths
 from slora_jax.runner import results as results_lib
@@ -17,8 +15,12 @@ _PER_TASK = ("task", "wall_time_s", "train_images_per_s", "steps",
              "eval_time_s", "alpha_current", "kd_absorbed")
 
 
-def payload(session, done: Sequence[dict], adapters: sl.AdapterState) -> dict:
-  """The results.json payload of the tasks evaluated so far."""
+def payload(session, done: Sequence[dict], method_fields: dict) -> dict:
+  """The results.json payload of the tasks evaluated so far.
+
+  ``method_fields``: the method's ``semantics`` and ``stored_directions``
+  (`methods.base.Method.payload`).
+  """
   exp, data = session.exp, session.data
   rows = [d["top1_per_task"] for d in done]
   rows5 = [d["top5_per_task"] for d in done] if all(
@@ -36,7 +38,7 @@ def payload(session, done: Sequence[dict], adapters: sl.AdapterState) -> dict:
       **extra,
       config=exp.raw, seed=session.seed, class_order=data.class_order,
       task_sizes=task_sizes, method=exp.method.name,
-      semantics=dataclasses.asdict(adapters.spec.policy),
+      semantics=method_fields["semantics"],
       acc_matrix=metrics.accuracy_matrix(rows) if rows else [],
       acc_matrix_top5=metrics.accuracy_matrix(rows5) if rows5 else None,
       curve_top1_sample_weighted=[d["top1_sample_weighted"] for d in done],
@@ -44,7 +46,7 @@ def payload(session, done: Sequence[dict], adapters: sl.AdapterState) -> dict:
       curve_top5_sample_weighted=[d["top5_sample_weighted"] for d in done],
       per_task=per_task, backbone=session.backbone_info,
       data_manifest=data.manifest,
-      stored_directions=int(sl.num_stored(adapters)))
+      stored_directions=method_fields["stored_directions"])
 
 
 def session_line(session) -> str:

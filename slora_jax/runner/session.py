@@ -10,6 +10,7 @@ finished tasks' records). The task loop (`slora_jax.runner.train`) passes a
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import time
@@ -18,12 +19,12 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-import slora_jax as sl
 from slora_jax.runner import backbone as backbone_lib
 from slora_jax.runner import checkpoint as ckpt_lib
 from slora_jax.runner import config as config_lib
 from slora_jax.runner import dry_run
 from slora_jax.runner import experiment_data
+from slora_jax.runner import methods as methods_lib
 from slora_jax.runner import metrics
 from slora_jax.runner import parallel
 from slora_jax.runner import steps as steps_lib
@@ -49,10 +50,13 @@ class Cursor:
 
 @dataclasses.dataclass(frozen=True)
 class Progress:
-  """The run's changing state; every loop step returns a new one."""
-  adapters: sl.AdapterState
-  head: dict
-  opt_state: Any
+  """The run's changing state; every loop step returns a new one.
+
+  ``state``: the train-state pytree (the method's arrays and the optimiser
+  state); ``host``: the method's host-side state (`methods.base.MethodState`).
+  """
+  state: steps_lib.TrainState
+  host: dict
   cursor: Cursor
   done: tuple[dict, ...] = ()            # one record per evaluated task
   last_saved: Cursor | None = None       # the cursor of the latest checkpoint
@@ -69,22 +73,31 @@ class Session:
   mesh: jax.sharding.Mesh
   backbone: Any                          # frozen ViT parameters, replicated
   backbone_info: dict
-  template: sl.AdapterState              # the empty adapter state
-  tx: Any
-  train_step: Callable
+  method: methods_lib.Method
+  run: methods_lib.base.Run              # what the method sees of the run
+  train_step: Callable                   # (state, batch, task, backbone)
   eval_step: Callable
-  merge: Callable
+  eval_arrays: Callable                  # jitted method.eval_arrays
   ckpt: ckpt_lib.Checkpointer
   writer: writers_lib.MetricWriter | None  # process 0 only
   fingerprint: dict
   task_of_class: jax.Array
-  width: int
   t_start: float
 
   @property
   def num_phases(self) -> int:
     """Training phases: one per task, or one for a single-phase method."""
     return len(self.data.train_tasks)
+
+  @property
+  def width(self) -> int:
+    return self.run.width
+
+  def steps(self, t: int) -> tuple[int, int]:
+    """(steps per epoch, total steps) of phase ``t`` under the method's
+    epochs (0: no training), capped by ``train.max_steps_per_task``."""
+    spe, total = self.data.steps(t)     # the data plan has the method's epochs
+    return spe, (total if self.method.epochs(self.exp) else 0)
 
 
 # The fields of the validated config that cannot change a number the run
@@ -156,7 +169,11 @@ def _writer(exp: config_lib.Experiment, seed: int,
 def open_session(exp: config_lib.Experiment, seed: int, workdir: str) -> Session:
   """Validates the data, builds the backbone and compiles nothing yet."""
   t_start = time.perf_counter()
-  data = experiment_data.prepare(exp.data, exp.train, seed,
+  # The data plan takes the method's epochs (a method without training
+  # still reads its data: one epoch's plan).
+  train = dataclasses.replace(exp.train,
+                              epochs=max(1, exp.method.epochs(exp)))
+  data = experiment_data.prepare(exp.data, train, seed,
                                  single_phase=exp.method.single_phase)
   warning = manifest_lib.known_counts_warning(data.manifest,
                                               exp.raw.get("benchmark"))
@@ -166,25 +183,22 @@ def open_session(exp: config_lib.Experiment, seed: int, workdir: str) -> Session
     data.eval_limit = dry_run.eval_samples(exp.train)
   mesh = parallel.make_mesh()
   model_cfg, model, params, info = backbone_lib.build(exp.model, exp.data)
-  apply_fn = lambda p, x: model.apply({"params": p}, x)
-  phases = len(data.train_tasks)
-  template = sl.init_adapters(
-      params, exp.adapter.rules(model_cfg.qkv),
-      capacity=exp.method.capacity(exp.adapter.capacity, phases),
-      max_rank=max(exp.rank(t) for t in range(phases)), policy=exp.policy())
-  tx = steps_lib.make_optimizer(momentum=exp.train.momentum,
-                                train_magnitudes=exp.method.trains_magnitudes,
-                                train_adapters=exp.method.trains_adapters)
-  n_cls = data.num_classes
+  method = exp.method
+  run = methods_lib.base.Run(
+      exp=exp, settings=exp.methods.get(method.name), seed=seed, model=model,
+      model_config=model_cfg, backbone_template=params, width=model_cfg.width,
+      num_classes=data.num_classes, num_phases=len(data.train_tasks))
+  logits = functools.partial(method.logits, run)
   return Session(
       exp=exp, seed=seed, workdir=workdir, data=data, mesh=mesh,
       backbone=parallel.replicate(params, mesh), backbone_info=info,
-      template=template, tx=tx,
-      train_step=steps_lib.make_train_step(apply_fn, n_cls, tx),
-      eval_step=steps_lib.make_eval_step(apply_fn, n_cls, data.num_tasks),
-      merge=jax.jit(sl.merge),
+      method=method, run=run,
+      train_step=steps_lib.make_train_step(method, run),
+      eval_step=steps_lib.make_eval_step(logits, data.num_classes,
+                                         data.num_tasks),
+      eval_arrays=jax.jit(functools.partial(method.eval_arrays, run)),
       ckpt=ckpt_lib.Checkpointer(workdir, keep=exp.checkpoint.keep),
       writer=_writer(exp, seed, workdir),
       fingerprint=fingerprint(exp, seed, data.class_order, data.task_sizes),
       task_of_class=jnp.asarray(metrics.class_to_task(data.task_sizes)),
-      width=model_cfg.width, t_start=t_start)
+      t_start=t_start)

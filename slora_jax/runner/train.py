@@ -25,7 +25,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import slora_jax as sl
 from slora_jax.runner import checkpoint as ckpt_lib
 from slora_jax.runner import config as config_lib
 from slora_jax.runner import dry_run
@@ -39,6 +38,8 @@ from slora_jax.runner import paths
 from slora_jax.runner import progress as progress_lib
 from slora_jax.runner import report
 from slora_jax.runner import results as results_lib
+from slora_jax.runner import steps as steps_lib
+from slora_jax.runner.methods.base import MethodState, Task
 from slora_jax.runner.session import Cursor, Progress, Session, open_session
 
 __all__ = ["train_and_evaluate", "run_seed"]
@@ -121,11 +122,16 @@ def _workdir_errors(workdir: str):
 
 # --- restore or start ---------------------------------------------------------
 
-def _saved_state(adapters, head, tx, opt_state) -> dict:
-  if opt_state is None:
-    opt_state = tx.init(sl.trainable_params(adapters, head))
-  return {"trainable": adapters.trainable, "frozen": adapters.frozen,
-          "head": head, "opt_state": opt_state}
+def _saved_tree(prog: Progress) -> dict:
+  return {"arrays": prog.state.arrays, "opt_state": prog.state.opt_state,
+          "host": prog.host}
+
+
+def _fresh(s: Session) -> Progress:
+  """The method's initial state and a (shaped) optimiser state."""
+  ms = s.method.init(s.run, s.backbone)
+  opt = steps_lib.init_opt_state(s.method, s.run, ms.arrays)
+  return Progress(steps_lib.TrainState(ms.arrays, opt), ms.host, Cursor())
 
 
 def restore_or_start(s: Session) -> Progress:
@@ -134,9 +140,7 @@ def restore_or_start(s: Session) -> Progress:
   A corrupt checkpoint is set aside with a one-line warning and the one
   before it is used (`Checkpointer.restore_intact`).
   """
-  head = sl.init_head(jax.random.fold_in(jax.random.key(s.seed), 10**6),
-                      s.width, s.data.num_classes)
-  state = Progress(s.template, head, None, Cursor())
+  prog = _fresh(s)
 
   def target_of(meta: dict):
     if not isinstance(meta.get("fingerprint"), dict):
@@ -144,22 +148,22 @@ def restore_or_start(s: Session) -> Progress:
                                             "config's fingerprint")
     # Another config's checkpoint is the user's to move, not corrupt.
     ckpt_lib.check_fingerprint(meta["fingerprint"], s.fingerprint)
-    missing = [k for k in ("cursor", "rank", "done") if k not in meta]
+    missing = [k for k in ("cursor", "method", "done") if k not in meta]
     if missing:
       raise ckpt_lib.CorruptCheckpointError(
           f"its meta item lacks {', '.join(missing)}")
-    # The abstract state: a task begun at the saved rank, optimiser included.
-    shaped = sl.begin_task(s.template, jax.random.key(0), meta["rank"])
-    return _saved_state(shaped, head, s.tx, None)
+    shaped = s.method.abstract(s.run, meta["method"])
+    opt = jax.eval_shape(functools.partial(steps_lib.init_opt_state,
+                                           s.method, s.run), shaped.arrays)
+    return {"arrays": shaped.arrays, "opt_state": opt, "host": shaped.host}
 
   found = s.ckpt.restore_intact(target_of, parallel.replicated(s.mesh))
   if found is not None:
     _, restored, saved = found
     cursor = Cursor(**saved["cursor"])
-    state = Progress(
-        s.template.replace(trainable=restored["trainable"],
-                           frozen=restored["frozen"]),
-        restored["head"], restored["opt_state"], cursor,
+    prog = Progress(
+        steps_lib.TrainState(restored["arrays"], restored["opt_state"]),
+        jax.tree.map(np.asarray, restored["host"]), cursor,
         done=tuple(saved["done"]), last_saved=cursor)
     # A status line, on stderr with the library's warnings: the report on
     # stdout reads the same whether or not the run was resumed. Tasks are
@@ -167,15 +171,14 @@ def restore_or_start(s: Session) -> Progress:
     print(f"resuming {_resume_point(s, cursor)} from {s.ckpt.directory}",
           file=sys.stderr, flush=True)
     faults.point("restore")
-  adapters, head = parallel.replicate((state.adapters, state.head), s.mesh)
-  return dataclasses.replace(state, adapters=adapters, head=head)
+  return dataclasses.replace(prog, state=parallel.replicate(prog.state, s.mesh))
 
 
 def _resume_point(s: Session, c: Cursor) -> str:
   """Where a resumed run goes on, numbered as the ``interrupted`` line."""
   n = s.num_phases
   if c.begun:
-    return f"at task {c.task + 1}/{n}, step {c.step}/{s.data.steps(c.task)[1]}"
+    return f"at task {c.task + 1}/{n}, step {c.step}/{s.steps(c.task)[1]}"
   return f"after task {c.task}/{n}" if c.task else "at the start"
 
 
@@ -201,23 +204,24 @@ def _all_finite(tree) -> jax.Array:
   return jnp.stack(leaves).all() if leaves else jnp.asarray(True)
 
 
-def save(s: Session, state: Progress, cursor: Cursor) -> Progress:
-  """Checkpoints ``state`` at ``cursor`` (refusing NaN/Inf parameters)."""
-  tree = _saved_state(state.adapters, state.head, s.tx, state.opt_state)
+def save(s: Session, prog: Progress, cursor: Cursor) -> Progress:
+  """Checkpoints ``prog`` at ``cursor`` (refusing NaN/Inf parameters)."""
+  tree = _saved_tree(prog)
   if not bool(_all_finite(tree)):
     # A step's loss is computed before its update: check what is saved too.
     raise _non_finite(s, "the trained parameters became NaN or "
                       "infinite", cursor.describe(s.num_phases),
                       cursor.task if cursor.begun else cursor.task - 1)
-  # Arrays made outside a jit (end_task, a fresh optimiser) sit on one
-  # device; with several processes Orbax saves only global arrays.
-  s.ckpt.save(parallel.replicate(tree, s.mesh), {"cursor": dataclasses.asdict(cursor),
-                     "fingerprint": s.fingerprint,
-                     "rank": state.adapters.rank, "done": list(state.done)})
-  return dataclasses.replace(state, cursor=cursor, last_saved=cursor)
+  # Arrays made outside a jit (end_task, a fresh optimiser, the host state)
+  # sit on one device; with several processes Orbax saves only global arrays.
+  meta = s.method.meta(MethodState(prog.state.arrays, prog.host))
+  s.ckpt.save(parallel.replicate(tree, s.mesh), {
+      "cursor": dataclasses.asdict(cursor), "fingerprint": s.fingerprint,
+      "method": meta, "done": list(prog.done)})
+  return dataclasses.replace(prog, cursor=cursor, last_saved=cursor)
 
 
-def _stop_if_requested(s: Session, state: Progress, where: str,
+def _stop_if_requested(s: Session, prog: Progress, where: str,
                        cursor: Cursor | None = None, check=None) -> None:
   """Saves at ``cursor`` and raises `Interrupted` if a process got a signal.
 
@@ -227,10 +231,10 @@ def _stop_if_requested(s: Session, state: Progress, where: str,
   signum = interrupt.requested(s.mesh)
   if signum is None:
     return
-  if cursor is not None and state.last_saved != cursor:
+  if cursor is not None and prog.last_saved != cursor:
     if check is not None:
       check()
-    save(s, state, cursor)
+    save(s, prog, cursor)
   if s.writer:
     s.writer.flush()
   raise interrupt.Interrupted(signum, where)
@@ -238,23 +242,54 @@ def _stop_if_requested(s: Session, state: Progress, where: str,
 
 # --- one task -----------------------------------------------------------------
 
-def _begin(s: Session, state: Progress, t: int) -> Progress:
-  """A new direction (or the carried-on LoRA) and a fresh optimiser."""
-  adapters = state.adapters
-  if s.exp.method.direction_per_task or t == 0:
-    adapters = sl.begin_task(
-        adapters, jax.random.fold_in(jax.random.key(s.seed), t), s.exp.rank(t))
-  opt_state = s.tx.init(sl.trainable_params(adapters, state.head))
-  return dataclasses.replace(state, adapters=adapters, opt_state=opt_state,
+def _task(s: Session, t: int) -> Task:
+  """Phase ``t`` as the method sees it (its data as fresh global passes)."""
+  lo, hi = s.data.train_tasks[t]
+  spe, total = s.steps(t)
+
+  def train_pass():
+    with s.data.train_batches(t, start_step=0) as batches:
+      for _, local in zip(range(spe), batches):
+        yield parallel.global_batch(local, s.mesh)
+
+  def plain_pass():
+    for local in s.data.plain_train_batches(t):
+      yield parallel.global_batch(local, s.mesh)
+
+  return Task(t, lo, hi, spe, total, train_pass, plain_pass)
+
+
+def _method_state(prog: Progress) -> MethodState:
+  return MethodState(prog.state.arrays, prog.host)
+
+
+def _begin(s: Session, prog: Progress, t: int) -> Progress:
+  """The method's `before_task` and a fresh optimiser."""
+  ms = s.method.before_task(s.run, _method_state(prog), _task(s, t),
+                            s.backbone)
+  opt = steps_lib.init_opt_state(s.method, s.run, ms.arrays)
+  state = parallel.replicate(steps_lib.TrainState(ms.arrays, opt), s.mesh)
+  return dataclasses.replace(prog, state=state, host=ms.host,
                              cursor=Cursor(t, 0, True))
 
 
-def _check_step(s: Session, state: Progress, m: dict, task: int, step: int,
-                bar=None) -> None:
+@dataclasses.dataclass(frozen=True)
+class StepDone:
+  """What the periodic actions see of a finished step."""
+  task: int
+  step: int                  # 0-based index of the step just taken
+  total: int
+  metrics: dict              # this step's device-side metrics
+  previous: dict | None      # the step before's (read without a stall)
+  bar: progress_lib.Bar
+
+
+def _check_metrics(s: Session, prog: Progress, m: dict, task: int, step: int,
+                   bar=None) -> None:
   """Reads a step's metrics (a sync): raises on NaN, logs and shows them."""
   loss = float(m["loss"])
   if not math.isfinite(loss):
-    total = s.data.steps(task)[1]
+    total = s.steps(task)[1]
     raise _non_finite(s, f"the training loss became {loss}",
                       f"task {task + 1}/{s.num_phases}, step {step + 1}/"
                       f"{total}", task)
@@ -264,83 +299,100 @@ def _check_step(s: Session, state: Progress, m: dict, task: int, step: int,
     if step % every == 0:
       bar.set_postfix(loss=f"{loss:.3f}", acc=f"{float(m['accuracy']):.2f}")
       if s.writer is not None:
-        epoch = step // s.data.steps(task)[0]
         s.writer.write_scalars(global_step(s, task, step + 1), {
             **{f"train/{k}": float(v) for k, v in m.items()},
-            "train/lr": s.exp.train.learning_rate(task, epoch),
-            "train/task": task + 1, **_alphas(state.adapters)})
+            "train/task": task + 1,
+            **s.method.scalars(_method_state(prog))})
+
+
+def _check_previous(s: Session, prog: Progress, d: StepDone) -> Progress:
+  """NaN check, progress bar and logging of the step before this one: its
+  metrics are ready by now, so reading them never stalls the device."""
+  if d.previous is not None:
+    _check_metrics(s, prog, d.previous, d.task, d.step - 1, d.bar)
+  return prog
+
+
+def _simulated_preemption(s: Session, prog: Progress, d: StepDone) -> Progress:
+  del d
+  if 0 < s.exp.stop_after_steps <= prog.steps_here:
+    # Tests: leave without saving, as a kill would.
+    raise SystemExit(f"stopped after {prog.steps_here} steps "
+                     "(config.stop_after_steps)")
+  return prog
+
+
+def _periodic_checkpoint(s: Session, prog: Progress, d: StepDone) -> Progress:
+  if (d.step + 1) % s.exp.checkpoint.every_steps or d.step + 1 >= d.total:
+    return prog           # the last step's state is saved after the loop
+  _check_metrics(s, prog, d.metrics, d.task, d.step)     # no NaN is saved
+  return save(s, prog, Cursor(d.task, d.step + 1, True))
+
+
+def _signals(s: Session, prog: Progress, d: StepDone) -> Progress:
+  if d.step + 1 < d.total:
+    _stop_if_requested(
+        s, prog, f"task {d.task + 1}/{s.num_phases}, step {d.step + 1}/"
+        f"{d.total}", Cursor(d.task, d.step + 1, True),
+        functools.partial(_check_metrics, s, prog, d.metrics, d.task, d.step))
+  return prog
+
+
+# After every step, in this order.
+STEP_ACTIONS = (_check_previous, _simulated_preemption, _periodic_checkpoint,
+                _signals)
 
 
 def global_step(s: Session, task: int, steps: int) -> int:
   """Training steps of the whole run after ``steps`` steps of ``task``: the
   metric writers' one step axis across tasks."""
-  return sum(s.data.steps(k)[1] for k in range(task)) + steps
+  return sum(s.steps(k)[1] for k in range(task)) + steps
 
 
-def _alphas(adapters: sl.AdapterState) -> dict[str, float]:
-  """``alpha/task<i>``: each trained direction's magnitude (1-based tasks)."""
-  mags = adapters.trainable["magnitudes"]
-  n = int(sl.num_stored(adapters))
-  out = {f"alpha/task{i + 1}": float(a)
-         for i, a in enumerate(np.asarray(mags["previous"])[:n])}
-  out[f"alpha/task{n + 1}"] = float(mags["current"])
-  return out
-
-
-def train_task(s: Session, state: Progress, t: int):
+def train_task(s: Session, prog: Progress, t: int):
   """Trains phase ``t`` to its last step; returns (progress, timing)."""
-  if not (state.cursor.task == t and state.cursor.begun):
-    state = _begin(s, state, t)
+  if not (prog.cursor.task == t and prog.cursor.begun):
+    prog = _begin(s, prog, t)
   lo, hi = s.data.train_tasks[t]
-  steps_per_epoch, total = s.data.steps(t)
-  start, t0 = state.cursor.step, time.perf_counter()
+  spe, total = s.steps(t)
+  start, t0 = prog.cursor.step, time.perf_counter()
   bar = progress_lib.Bar(f"task {t + 1}/{s.num_phases}", total, start,
                          s.exp.train.batch_size)
-  ad, hd, opt, prev, taken = state.adapters, state.head, state.opt_state, None, 0
-  with s.data.train_batches(t, start_step=start) as batches:
-    for step, local in zip(range(start, total), batches):
-      lr = s.exp.train.learning_rate(t, step // steps_per_epoch)
-      ad, hd, opt, m = s.train_step(ad, hd, opt, s.backbone,
-                                    parallel.global_batch(local, s.mesh),
-                                    lo, hi, lr)
-      faults.point("train_step")
-      state = dataclasses.replace(state, adapters=ad, head=hd, opt_state=opt,
-                                  steps_here=state.steps_here + 1)
-      if prev is not None:  # the previous step's metrics: stays asynchronous
-        _check_step(s, state, prev, t, step - 1, bar)
-      prev, taken = m, taken + 1
-      if 0 < s.exp.stop_after_steps <= state.steps_here:
-        # Simulated preemption (tests): leave without saving, as a kill would.
-        raise SystemExit(f"stopped after {state.steps_here} steps "
-                         "(config.stop_after_steps)")
-      if (step + 1) % s.exp.checkpoint.every_steps == 0 and step + 1 < total:
-        _check_step(s, state, m, t, step)                 # no NaN is saved
-        state = save(s, state, Cursor(t, step + 1, True))
-      if step + 1 < total:  # the last step's state is saved below anyway
-        _stop_if_requested(
-            s, state, f"task {t + 1}/{s.num_phases}, step {step + 1}/{total}",
-            Cursor(t, step + 1, True),
-            functools.partial(_check_step, s, state, m, t, step))
+  prev = None
+  if total > start:
+    schedule = s.method.schedule(s.run, _task(s, t))
+    with s.data.train_batches(t, start_step=start) as batches:
+      for step, local in zip(range(start, total), batches):
+        task = steps_lib.task_args(t, lo, hi, schedule(step))
+        state, m = s.train_step(prog.state, parallel.global_batch(local, s.mesh),
+                                task, s.backbone)
+        faults.point("train_step")
+        prog = dataclasses.replace(prog, state=state,
+                                   steps_here=prog.steps_here + 1)
+        done = StepDone(t, step, total, m, prev, bar)
+        for action in STEP_ACTIONS:
+          prog = action(s, prog, done)
+        prev = m
     if prev is not None:
-      _check_step(s, state, prev, t, total - 1, bar)
+      _check_metrics(s, prog, prev, t, total - 1, bar)
   bar.close()
   timing = {"wall_time_s": time.perf_counter() - t0, "steps": total - start}
-  return save(s, state, Cursor(t, total, True)), timing   # eval pending
+  return save(s, prog, Cursor(t, total, True)), timing   # eval pending
 
 
-def evaluate_task(s: Session, state: Progress, t: int, timing: dict) -> dict:
+def evaluate_task(s: Session, prog: Progress, t: int, timing: dict) -> dict:
   """Evaluates the merged model after phase ``t``; returns the task's record."""
   te = time.perf_counter()
-  merged = s.merge(s.backbone, state.adapters)
+  ev_arrays = s.eval_arrays(prog.state.arrays, s.backbone)
   eval_hi = s.data.eval_hi(t)
   counts = None
   for local in s.data.eval_batches(eval_hi):
-    c = s.eval_step(merged, state.head, parallel.global_batch(local, s.mesh),
+    c = s.eval_step(ev_arrays, parallel.global_batch(local, s.mesh),
                     eval_hi, s.task_of_class)
     counts = c if counts is None else jax.tree.map(jnp.add, counts, c)
     faults.point("eval_step")
     # Evaluation restarts on resume from the checkpoint of the trained task.
-    _stop_if_requested(s, state, f"task {t + 1}/{s.num_phases}, evaluation")
+    _stop_if_requested(s, prog, f"task {t + 1}/{s.num_phases}, evaluation")
   counts = jax.tree.map(lambda x: np.asarray(x).round().astype(np.int64), counts)
   n = s.data.eval_tasks(t)
   ev = metrics.evaluate_counts(counts["top1"][:n], counts["count"][:n],
@@ -354,46 +406,48 @@ def evaluate_task(s: Session, state: Progress, t: int, timing: dict) -> dict:
       **timing, "eval_time_s": time.perf_counter() - te,
       "train_images_per_s": timing["steps"] * s.exp.train.batch_size /
                             max(timing["wall_time_s"], 1e-9),
-      "alpha_current": float(state.adapters.trainable["magnitudes"]["current"]),
+      **s.method.record(_method_state(prog)),
   }
   print(report.task_line(record, s.num_phases), flush=True)
   if s.writer:
-    s.writer.write_scalars(global_step(s, t, s.data.steps(t)[1]), {
+    s.writer.write_scalars(global_step(s, t, s.steps(t)[1]), {
         "eval/top1": ev["top1_sample_weighted"],
         "eval/top1_task_mean": ev["top1_task_mean"],
         "eval/top5": ev["top5_sample_weighted"],
         **{f"eval/top1_task{k + 1}": v
            for k, v in enumerate(ev["top1_per_task"])},
-        **_alphas(state.adapters)})
+        **s.method.scalars(_method_state(prog))})
     s.writer.flush()
   return record
 
 
-def finish_task(s: Session, state: Progress, record: dict) -> Progress:
-  """Freezes the task's direction, writes results.json and checkpoints."""
-  adapters = state.adapters
-  if s.exp.method.direction_per_task:
-    adapters, info = sl.end_task(
-        adapters, knowledge_distillation=s.exp.method.knowledge_distillation)
-    record = {**record, "kd_absorbed": bool(info["absorbed"]),
-              "kd_residual": float(info["residual"])}
-  state = dataclasses.replace(state, adapters=adapters,
-                              done=state.done + (record,))
+def finish_task(s: Session, prog: Progress, record: dict) -> Progress:
+  """The method's `after_task`; writes results.json and checkpoints."""
+  t = record["task"]
+  ms, extra = s.method.after_task(s.run, _method_state(prog), _task(s, t),
+                                  s.backbone)
+  state = parallel.replicate(
+      steps_lib.TrainState(ms.arrays, prog.state.opt_state), s.mesh)
+  prog = dataclasses.replace(prog, state=state, host=ms.host,
+                             done=prog.done + ({**record, **extra},))
   if jax.process_index() == 0:   # one writer; all processes hold the same
-    results_lib.write_results(s.workdir,
-                              report.payload(s, state.done, adapters))
+    results_lib.write_results(s.workdir, _payload(s, prog))
   faults.point("results_written")
-  state = save(s, state, Cursor(record["task"] + 1, 0, False))
+  prog = save(s, prog, Cursor(t + 1, 0, False))
   faults.point("between_tasks")
-  return state
+  return prog
 
 
-def finish_run(s: Session, state: Progress, extra: dict | None = None) -> dict:
+def _payload(s: Session, prog: Progress) -> dict:
+  return report.payload(s, prog.done, s.method.payload(_method_state(prog)))
+
+
+def finish_run(s: Session, prog: Progress, extra: dict | None = None) -> dict:
   """Writes the final results and plot, closes the run, prints the summary.
 
   ``extra``: further results.json sections (a dry run's ``dry_run``).
   """
-  payload = {**report.payload(s, state.done, state.adapters), **(extra or {})}
+  payload = {**_payload(s, prog), **(extra or {})}
   path = paths.join(s.workdir, results_lib.RESULTS_FILENAME)
   if jax.process_index() == 0:
     path = results_lib.write_results(s.workdir, payload)
