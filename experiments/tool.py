@@ -1,8 +1,7 @@
 """The command-line layer every ``python -m experiments.TOOL`` runs through.
 
-  if __name__ == "__main__":
-    tool.run(main)                          # flags defined in flags.FLAGS
-    tool.run(main, FLAGS)                   # or in the tool's own FlagValues
+A tool's main block is one call: ``tool.run(main)`` (flags defined in
+``flags.FLAGS``) or ``tool.run(main, FLAGS)`` (in the tool's own FlagValues).
 
 absl flags and `absl.app.run`, with one rule for what a user can fix: an
 unknown flag, a bad flag value, a missing required flag or positional
