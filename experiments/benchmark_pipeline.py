@@ -15,6 +15,7 @@ from __future__ import annotations
 from absl import app
 from absl import flags
 
+from experiments import tool
 from experiments.benchmark import workers
 
 _D = workers.PipelineSettings()
@@ -32,8 +33,7 @@ _PROCESSES = flags.DEFINE_list("processes", [str(k) for k in _D.processes],
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  tool.positional(argv)
   s = workers.PipelineSettings(
       images=_IMAGES.value, image_size=_SIZE.value, batch=_BATCH.value,
       batches=_BATCHES.value, threads=_THREADS.value, prefetch=_PREFETCH.value,
@@ -45,4 +45,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  tool.run(main)

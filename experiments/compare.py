@@ -30,10 +30,10 @@ import math
 import sys
 from typing import Optional, Sequence, TextIO
 
-from absl import app
 from absl import flags
 import numpy as np
 
+from experiments import tool
 from slora_jax.runner import reference_numbers
 from slora_jax.runner.results import (ResultsError, load_results, progress,
                                       write_json)
@@ -255,9 +255,11 @@ def run(paths: Sequence[str], json_out: Optional[str] = None,
 
 
 def main(argv: Sequence[str]) -> int:
+  if len(argv) < 2:
+    tool.fail("give at least one results.json (see --help)")
   return run(list(argv[1:]), _JSON.value, mixed_data=_MIXED.value,
              allow_partial=_ALLOW_PARTIAL.value)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  tool.run(main)

@@ -18,9 +18,9 @@ import os
 import subprocess
 import sys
 
-from absl import app
 from absl import flags
 
+from experiments import tool
 from experiments.make_dry_run_data import write_folders
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output folder.", required=True)
@@ -88,7 +88,7 @@ HEADER = ("| config | tasks × classes | steps per seed | TFLOP per step | "
 
 
 def main(argv):
-  del argv
+  tool.positional(argv)
   rows, data = [], {}
   for name, (classes, train) in TRAIN_PER_CLASS.items():
     if _ONLY.value and name not in _ONLY.value:
@@ -102,4 +102,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  tool.run(main)

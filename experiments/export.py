@@ -24,17 +24,18 @@ Nothing in WORKDIR is written: the checkpoints are opened read-only.
 
 from __future__ import annotations
 
-import argparse
 import glob
 import json
 import os
 import sys
 
+from absl import flags
 import jax
 import numpy as np
 import safetensors.numpy
 
 import slora_jax as sl
+from experiments import tool
 from slora_jax.interop import peft
 from slora_jax.models import convert
 from slora_jax.runner import backbone as backbone_lib
@@ -304,36 +305,43 @@ def export(workdir: str, out: str, seed: int | None = None,
   return doc
 
 
-def add_run_arguments(parser: argparse.ArgumentParser,
-                      step_default: str = "the latest") -> None:
-  """The arguments that pick one run and checkpoint (see `load_run`)."""
-  parser.add_argument("workdir", help="the run's --workdir (or a seed_* dir)")
-  parser.add_argument("--seed", type=int, default=None,
-                      help="which seed_<seed> run (needed if several)")
-  parser.add_argument("--step", type=int, default=None,
-                      help=f"checkpoint number (default: {step_default})")
+def define_run_flags(flag_values: flags.FlagValues,
+                     step_default: str = "the latest") -> None:
+  """The flags that pick one run and checkpoint (see `load_run`); the run's
+  folder is the positional argument WORKDIR (`run_args`)."""
+  flags.DEFINE_integer("seed", None, "which seed_<seed> run (needed if "
+                       "several)", flag_values=flag_values)
+  flags.DEFINE_integer("step", None, f"checkpoint number (default: "
+                       f"{step_default})", flag_values=flag_values)
 
 
-def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m experiments.export",
-                                   description=__doc__.split("\n\n")[0])
-  add_run_arguments(parser)
-  parser.add_argument("--out", required=True, help="output directory")
-  args = parser.parse_args(argv)
-  try:
-    doc = export(args.workdir, args.out, args.seed, args.step)
-  except (OSError, ValueError) as e:  # FileNotFoundError included
-    print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-    return 2
-  if args.step is None and not doc["source"]["evaluated"]:
+def run_args(argv, flag_values: flags.FlagValues) -> tuple:
+  """(workdir, seed, step) from a tool's WORKDIR and `define_run_flags`."""
+  workdir, = tool.positional(argv, "WORKDIR")
+  return workdir, flag_values.seed, flag_values.step
+
+
+FLAGS = flags.FlagValues()   # its own: head_share, import_reference share names
+define_run_flags(FLAGS)
+flags.DEFINE_string("out", None, "output directory", required=True,
+                    flag_values=FLAGS)
+USER_ERRORS = (OSError, ValueError)   # FileNotFoundError included
+
+
+def main(argv) -> int:
+  """``python -m experiments.export WORKDIR --out=DIR``: `tool.run`'s main."""
+  workdir, seed, step = run_args(argv, FLAGS)
+  out = FLAGS.out
+  doc = export(workdir, out, seed, step)
+  if step is None and not doc["source"]["evaluated"]:
     print(f"note: checkpoint {doc['source']['checkpoint']} is not the model "
           "results.json reports (a mid-task checkpoint, or the one before "
           "end_task is no longer kept)", file=sys.stderr)
   print(f"{doc['architecture']} ({doc['num_classes']} classes, checkpoint "
-        f"{doc['source']['checkpoint']}) -> {args.out}/model.safetensors, "
+        f"{doc['source']['checkpoint']}) -> {out}/model.safetensors, "
         f"config.json, backbone/, peft/, adapters/")
   return 0
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  tool.run(main, FLAGS, USER_ERRORS)

@@ -17,15 +17,15 @@ shares the garment or the style.
 
 from __future__ import annotations
 
-import argparse
 import os
-import sys
 
+from absl import flags
 import jax
 import numpy as np
 
 import slora_jax as sl
 from experiments import export as export_lib
+from experiments import tool
 from slora_jax.runner import experiment_data
 from slora_jax.runner import results as results_lib
 
@@ -128,17 +128,14 @@ def head_share(workdir: str, seed: int | None = None,
   return doc | {"path": path}
 
 
-def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m experiments.head_share",
-                                   description=__doc__.split("\n\n")[0])
-  export_lib.add_run_arguments(
-      parser, step_default="the one the run's last evaluation used")
-  args = parser.parse_args(argv)
-  try:
-    doc = head_share(args.workdir, args.seed, args.step)
-  except (FileNotFoundError, ValueError) as e:
-    print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-    return 2
+FLAGS = flags.FlagValues()       # its own, as export's
+export_lib.define_run_flags(FLAGS, "the one the run's last evaluation used")
+USER_ERRORS = (FileNotFoundError, ValueError)
+
+
+def main(argv) -> int:
+  """``python -m experiments.head_share WORKDIR``: `tool.run`'s main."""
+  doc = head_share(*export_lib.run_args(argv, FLAGS))
   c = doc["cursor"]
   print(f"checkpoint {doc['checkpoint']} (task {c['task'] + c['begun']} "
         f"{'trained' if c['begun'] else 'finished'})")
@@ -158,4 +155,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  tool.run(main, FLAGS, USER_ERRORS)

@@ -20,62 +20,57 @@ Exit status 2 with a one-line error for anything that cannot be imported.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from typing import Sequence
 
+from absl import flags
+
+from experiments import tool
 from slora_jax.models.vit import PRESETS
 
-
-def _parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(
-      prog="python -m experiments.import_reference",
-      description="Import a PyTorch SD-LoRA reference run as an adapter "
-      "checkpoint.")
-  p.add_argument("run_dir", metavar="RUN_DIR",
-                 help="the reference's output directory (its 'filepath')")
-  p.add_argument("--out", required=True, help="output directory")
-  p.add_argument("--magnitudes", default=None,
-                 help="comma-separated α_prev[0..T-2] then α_cur (default: "
-                 "the reference's initial 0.8, with a warning)")
-  p.add_argument("--task", type=int, default=None,
-                 help="import the state after this 0-indexed task (default: "
-                 "the last one present)")
-  p.add_argument("--model", default="vit_b16", choices=sorted(PRESETS),
-                 help="ViT preset the adapters are for (default vit_b16, the "
-                 "reference's backbone)")
-  for name in ("width", "depth", "num_heads", "mlp_dim", "image_size",
-               "patch_size"):
-    p.add_argument(f"--{name}", type=int, default=0,
-                   help=f"override the preset's {name} (0: keep)")
-  p.add_argument("--qkv", default="fused", choices=("fused", "split"),
-                 help="attention parameter layout of our ViT")
-  p.add_argument("--overwrite", action="store_true",
-                 help="replace an existing import in --out")
-  return p
+FLAGS = flags.FlagValues()   # its own: export's --out is another flag
+flags.DEFINE_string("out", None, "output directory", required=True,
+                    flag_values=FLAGS)
+flags.DEFINE_string("magnitudes", None, "comma-separated α_prev[0..T-2] then "
+                    "α_cur (default: the reference's initial 0.8, with a "
+                    "warning)", flag_values=FLAGS)
+flags.DEFINE_integer("task", None, "import the state after this 0-indexed "
+                     "task (default: the last one present)", flag_values=FLAGS)
+flags.DEFINE_enum("model", "vit_b16", sorted(PRESETS), "ViT preset the "
+                  "adapters are for (default vit_b16, the reference's "
+                  "backbone)", flag_values=FLAGS)
+for _name in ("width", "depth", "num_heads", "mlp_dim", "image_size",
+              "patch_size"):
+  flags.DEFINE_integer(_name, 0, f"override the preset's {_name} (0: keep)",
+                       flag_values=FLAGS)
+flags.DEFINE_enum("qkv", "fused", ["fused", "split"], "attention parameter "
+                  "layout of our ViT", flag_values=FLAGS)
+flags.DEFINE_bool("overwrite", False, "replace an existing import in --out",
+                  flag_values=FLAGS)
 
 
-def _config(args):
+def _config():
   from slora_jax.models import vit as vit_lib
-  fields = {k: getattr(args, k) for k in ("width", "depth", "num_heads",
-                                          "mlp_dim", "image_size", "patch_size")
-            if getattr(args, k)}
-  return vit_lib.preset(args.model, qkv=args.qkv, **fields)
+  fields = {k: FLAGS[k].value for k in ("width", "depth", "num_heads",
+                                        "mlp_dim", "image_size", "patch_size")
+            if FLAGS[k].value}
+  return vit_lib.preset(FLAGS.model, qkv=FLAGS.qkv, **fields)
 
 
-def run(argv: Sequence[str]) -> int:
-  """Runs the import; returns the exit status (0, or 2 after an error line)."""
-  args = _parser().parse_args(argv)
+def main(argv) -> int:
+  """``python -m experiments.import_reference RUN_DIR --out=DIR``."""
+  run_dir, = tool.positional(argv, "RUN_DIR")
   from slora_jax import policy
   from slora_jax.runner import reference_import as ri
 
+  magnitudes, out, overwrite = FLAGS.magnitudes, FLAGS.out, FLAGS.overwrite
   try:
-    config = _config(args)
-    mags = (ri.magnitudes_from_string(args.magnitudes)
-            if args.magnitudes is not None else None)
-    ri.check_out_dir(args.out, args.overwrite)     # before the slow part
-    run_data = ri.read_reference_run(args.run_dir, args.task)
+    config = _config()
+    mags = (ri.magnitudes_from_string(magnitudes)
+            if magnitudes is not None else None)
+    ri.check_out_dir(out, overwrite)     # before the slow part
+    run_data = ri.read_reference_run(run_dir, FLAGS.task)
     num = run_data.num_tasks
     init = policy.reference().magnitude_init       # the reference's 0.8
     adapters, head = ri.build_state(config, run_data,
@@ -87,7 +82,7 @@ def run(argv: Sequence[str]) -> int:
             f"{f'α_prev[0..{num - 2}] then ' if num > 1 else ''}α_cur, e.g. "
             f"from its log) to import the trained function.",
             file=sys.stderr, flush=True)
-    info = {"source": os.path.abspath(args.run_dir), "task": num - 1,
+    info = {"source": os.path.abspath(run_dir), "task": num - 1,
             "num_tasks": num,
             "magnitudes": ([float(m) for m in mags] if mags is not None
                            else None),
@@ -95,22 +90,22 @@ def run(argv: Sequence[str]) -> int:
                                   f"default {init}: not saved by the reference"),
             "files": list(run_data.a_files + run_data.b_files
                           + run_data.head_files)}
-    out = ri.save_imported(args.out, adapters, head, config, info,
-                           overwrite=args.overwrite)
+    out = ri.save_imported(out, adapters, head, config, info,
+                           overwrite=overwrite)
   except (ri.ReferenceImportError, ValueError, OSError) as e:
-    print(f"import_reference: error: {e}", file=sys.stderr, flush=True)
-    return 2
+    tool.fail(e)
   ranks = [a[0].shape[0] for a in run_data.a]
-  print(f"imported tasks 0..{num - 1} from {args.run_dir}: {num - 1} previous "
+  print(f"imported tasks 0..{num - 1} from {run_dir}: {num - 1} previous "
         f"direction(s) + the current one, ranks {ranks}, "
         f"{len(adapters.spec.targets)} targets, head over "
         f"{head['bias'].shape[0]} classes -> {out}", flush=True)
   return 0
 
 
-def main() -> None:
-  sys.exit(run(sys.argv[1:]))
+def run(args: Sequence[str]) -> int:
+  """``main`` in-process on ``args`` (no program name); the exit status."""
+  return tool.call(main, args, FLAGS)
 
 
 if __name__ == "__main__":
-  main()
+  tool.run(main, FLAGS)

@@ -26,6 +26,8 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from experiments import tool
+
 _OUT = flags.DEFINE_string("out", "experiments/assets/demo_vit.safetensors",
                            "Where to write the weights (.safetensors).")
 _ROOT = flags.DEFINE_string("root", "/usr/share/datasets/fashion-mnist",
@@ -97,7 +99,7 @@ def _test_accuracies(cfg, params, head, split, size: int) -> dict:
 
 
 def main(argv):
-  del argv
+  tool.positional(argv)
   logging.set_verbosity(logging.WARNING)       # JAX's backend probing is noise
   from slora_jax.models import convert, vit  # pylint: disable=import-outside-toplevel
   from slora_jax.runner import pretrain, results  # pylint: disable=import-outside-toplevel
@@ -106,9 +108,8 @@ def main(argv):
 
   unknown = sorted(set(_STYLES.value) - set(renditions.STYLES))
   if unknown:
-    print(f"error: unknown --styles {unknown}; choose from "
-          f"{list(renditions.STYLES)}", file=sys.stderr)
-    sys.exit(2)
+    raise app.UsageError(f"unknown --styles {unknown}; choose from "
+                         f"{list(renditions.STYLES)}")
   t0 = time.perf_counter()
   cfg = vit.ViTConfig(**{k: f.value for k, f in _ARCH.items()})
   src = sources.IdxSource(_ROOT.value, sources.FASHION_MNIST_CLASSES)
@@ -148,4 +149,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  tool.run(main)

@@ -18,6 +18,8 @@ from absl import flags
 import numpy as np
 from PIL import Image
 
+from experiments import tool
+
 _ROOT = flags.DEFINE_string("root", None, "Output folder (required).")
 _CLASSES = flags.DEFINE_integer("classes", 200, "Number of class folders.")
 _TRAIN = flags.DEFINE_integer("train_per_class", 2, "Train images per class.")
@@ -45,7 +47,7 @@ def write_folders(root: str, classes: int, train_per_class: int,
 
 
 def main(argv):
-  del argv
+  tool.positional(argv)
   if not _ROOT.value:
     raise app.UsageError("pass --root=FOLDER")
   write_folders(_ROOT.value, _CLASSES.value, _TRAIN.value, _TEST.value,
@@ -55,4 +57,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  tool.run(main)

@@ -42,9 +42,9 @@ import sys
 import tarfile
 import zipfile
 
-from absl import app
 from absl import flags
 
+from experiments import tool
 from slora_jax.runner.data import manifest as manifest_lib
 from slora_jax.runner.data.sources.core import (DOMAINNET_DOMAINS,
                                                IMAGE_EXTENSIONS, DataError)
@@ -438,20 +438,13 @@ def summary_line(m: dict, out: str) -> str:
 
 def main(argv) -> int:
   if len(argv) != 2:
-    print(f"error: give one benchmark ({', '.join(BENCHMARKS)})",
-          file=sys.stderr)
-    return 2
+    tool.fail(f"give one benchmark ({', '.join(BENCHMARKS)})")
   if not _OUT.value:
-    print("error: give --out (the folder to create)", file=sys.stderr)
-    return 2
-  try:
-    m = prepare(argv[1], _SOURCE.value, _OUT.value, _LISTS.value)
-  except (PrepareError, DataError) as e:
-    print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-    return 2
+    tool.fail("give --out (the folder to create)")
+  m = prepare(argv[1], _SOURCE.value, _OUT.value, _LISTS.value)
   print(summary_line(m, _OUT.value))
   return 0
 
 
 if __name__ == "__main__":
-  app.run(main)
+  tool.run(main, user_errors=(PrepareError, DataError))

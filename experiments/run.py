@@ -43,10 +43,11 @@ import difflib
 import importlib.util
 import logging as std_logging
 
-from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
+
+from experiments import tool
 
 # Config files are Python modules that importlib loads: always local, so they
 # are exempt (path-ok) from the runner's path module; runs/ is the local default.
@@ -61,11 +62,6 @@ _WORKDIR = flags.DEFINE_string(
 def default_workdir(config_path: str) -> str:
   file = config_path.split(":")[0]
   return os.path.join("runs", os.path.splitext(os.path.basename(file))[0])  # path-ok
-
-
-def _fail(message: str):
-  print(f"error: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
-  sys.exit(2)
 
 
 def _config_file(argv) -> str:
@@ -117,7 +113,7 @@ def _bad_override(e: Exception, argv):
     message = _unknown_key_message(argv)
   except Exception:  # pylint: disable=broad-except
     message = None   # e.g. the config file itself fails: keep the first text
-  _fail(message or f"bad config override: {e.args[0] if e.args else e}")
+  tool.fail(message or f"bad config override: {e.args[0] if e.args else e}")
 
 
 def _check_config_file(argv) -> None:
@@ -131,29 +127,27 @@ def _check_config_file(argv) -> None:
       here = os.path.relpath(here)  # path-ok
     names = sorted(n[:-3] for n in os.listdir(here)  # path-ok
                    if n.endswith(".py") and n not in ("__init__.py", "base.py"))
-    _fail(f"config file {file!r} does not exist; pass --config=PATH to an "
-          f"ml_collections config file, e.g. one of {here}/: "
-          f"{', '.join(names)}")
+    tool.fail(f"config file {file!r} does not exist; pass --config=PATH to "
+              f"an ml_collections config file, e.g. one of {here}/: "
+              f"{', '.join(names)}")
   spec = importlib.util.spec_from_file_location("_slora_config_check", file)
   module = importlib.util.module_from_spec(spec)
   try:
     spec.loader.exec_module(module)
   except Exception as e:  # pylint: disable=broad-except
-    _fail(f"config file {file!r} could not be loaded: "
-          f"{type(e).__name__}: {e}")
+    tool.fail(f"config file {file!r} could not be loaded: "
+              f"{type(e).__name__}: {e}")
   if not callable(getattr(module, "get_config", None)):
-    _fail(f"config file {file!r} defines no get_config(); a config file must "
-          "define get_config() returning an ml_collections.ConfigDict (see "
-          "experiments/configs/base.py)")
+    tool.fail(f"config file {file!r} defines no get_config(); a config file "
+              "must define get_config() returning an ml_collections."
+              "ConfigDict (see experiments/configs/base.py)")
 
 
 def _parse_flags(argv):
   """absl's parsing; a bad flag or config key is one line and exit code 2."""
   _check_config_file(argv)
   try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:
-    _fail(f"{e}; see --helpfull")
+    return tool.parse_flags(argv)
   except (KeyError, AttributeError) as e:
     # ml_collections refuses a key that the (locked) config does not have.
     _bad_override(e, argv)
@@ -179,20 +173,16 @@ def _quiet_libraries(verbosity: int) -> None:
 
 
 def _run() -> None:
-  from slora_jax.runner import errors
   from slora_jax.runner import sweep
 
   config_file = flags.FLAGS["config"].config_filename
   workdir = _WORKDIR.value or default_workdir(config_file)
-  try:
-    sweep.run(_CONFIG.value, workdir, config_file)
-  except errors.USER_ERRORS as e:
-    _fail(e)
+  # A user's error (errors.USER_ERRORS) is tool.run's one line and exit 2.
+  sweep.run(_CONFIG.value, workdir, config_file)
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  tool.positional(argv)
   _quiet_libraries(flags.FLAGS.verbosity)
   from slora_jax.runner import interrupt
   # From here a signal raises `Interrupted` (deferred to the end of a step
@@ -206,4 +196,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=_parse_flags)
+  tool.run(main, flags_parser=_parse_flags)

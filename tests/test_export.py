@@ -22,6 +22,7 @@ import safetensors.numpy
 
 import slora_jax as sl
 from experiments import export
+from experiments import tool
 from slora_jax.runner import config as config_lib
 from slora_jax.runner import train
 from slora_jax.models import vit
@@ -61,6 +62,11 @@ def _file_logits(out, images):
                        mlp_dim=round(a["mlp_ratio"] * a["embed_dim"]))
   feats = numpy_vit(sd, images, vcfg)
   return feats @ sd["head.weight"].T.astype(np.float64) + sd["head.bias"], sd
+
+
+def _main(args) -> int:
+  """``python -m experiments.export ARGS`` in-process: its exit code."""
+  return tool.call(export.main, args, export.FLAGS, export.USER_ERRORS)
 
 
 def test_export_cli_matches_our_logits(workdir, tmp_path):
@@ -210,7 +216,7 @@ def test_missing_run_is_one_line(tmp_path):
 def test_out_a_file_or_no_checkpoint_is_one_line(workdir, tmp_path, capsys):
   out = tmp_path / "taken.txt"
   out.write_text("x")
-  assert export.main([workdir, f"--out={out}"]) == 2
+  assert _main([workdir, f"--out={out}"]) == 2
   assert capsys.readouterr().err.splitlines() == [
       f"error: --out {out} is a file, not a directory; pass a directory (it "
       "is created if missing)"]
@@ -218,7 +224,7 @@ def test_out_a_file_or_no_checkpoint_is_one_line(workdir, tmp_path, capsys):
   # missing checkpoint is what is said, not a complaint about the config.
   seed_dir = tmp_path / "run" / "seed_1993"
   (seed_dir / "checkpoints").mkdir(parents=True)
-  assert export.main([str(tmp_path / "run"), f"--out={tmp_path}/o"]) == 2
+  assert _main([str(tmp_path / "run"), f"--out={tmp_path}/o"]) == 2
   assert capsys.readouterr().err.splitlines() == [
       f"error: no checkpoint in {seed_dir / 'checkpoints'} yet: the run "
       "stopped before its first save; rerun it to train, then export"]
@@ -251,8 +257,8 @@ def test_a_corrupt_latest_checkpoint_is_skipped_and_left_in_place(
   assert err.rstrip().endswith(f"skipped (left in place); using checkpoint "
                                f"{latest - 2}")
   assert os.path.isdir(ckpts / str(latest - 1))
-  assert export.main([str(run), f"--out={tmp_path}/o2",
-                      f"--step={latest}"]) == 2
+  assert _main([str(run), f"--out={tmp_path}/o2",
+                f"--step={latest}"]) == 2
   err, = capsys.readouterr().err.splitlines()
   assert err.startswith(f"error: checkpoint {latest} in {ckpts} is corrupt "
                         "(its arrays are unreadable: ")

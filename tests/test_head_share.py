@@ -7,9 +7,16 @@ import numpy as np
 import pytest
 
 from experiments import head_share
+from experiments import tool
 from slora_jax.runner import checkpoint as ckpt_lib
 
 NAMES = ["shirt / edges", "coat / edges", "shirt / sketch", "bag / texture"]
+
+
+def _main(args) -> int:
+  """``python -m experiments.head_share ARGS`` in-process: its exit code."""
+  return tool.call(head_share.main, args, head_share.FLAGS,
+                   head_share.USER_ERRORS)
 
 
 def test_summarize_counts_where_each_error_goes():
@@ -85,6 +92,6 @@ def test_an_interrupted_run_is_scored_where_it_was_evaluated(tmp_path):
 
 
 def test_no_evaluated_checkpoint_is_one_line_and_exit_2(tmp_path, capsys):
-  assert head_share.main([_checkpoints(tmp_path, 2)]) == 2
+  assert _main([_checkpoints(tmp_path, 2)]) == 2
   err = capsys.readouterr().err.splitlines()
   assert len(err) == 1 and err[0].startswith("error: no kept checkpoint of ")

@@ -13,9 +13,9 @@ of their ratios. ``--json_out=PATH`` saves the table. See docs/benchmark.md.
 
 from __future__ import annotations
 
-from absl import app
 from absl import flags
 
+from experiments import tool
 from experiments.benchmark import settings as settings_lib
 from experiments.benchmark.run import run
 from experiments.benchmark.table import report, save_json
@@ -43,8 +43,7 @@ for _option in settings_lib.options():
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  tool.positional(argv)
   settings = settings_lib.from_values(flags.FLAGS.flag_values_dict())
   result = run(settings)
   print(report(result), flush=True)
@@ -53,4 +52,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  tool.run(main)
