@@ -19,10 +19,12 @@ import jax
 import jax.numpy as jnp
 
 import slora_jax as sl
+from slora_jax import head as head_lib
 from slora_jax.runner import backbone as backbone_lib
 from slora_jax.runner import checkpoint as ckpt_lib
 from slora_jax.runner import config as config_lib
 from slora_jax.runner import dry_run
+from slora_jax.runner import evaluators
 from slora_jax.runner import experiment_data
 from slora_jax.runner import metrics
 from slora_jax.runner import parallel
@@ -181,7 +183,9 @@ def open_session(exp: config_lib.Experiment, seed: int, workdir: str) -> Session
       backbone=parallel.replicate(params, mesh), backbone_info=info,
       template=template, tx=tx,
       train_step=steps_lib.make_train_step(apply_fn, n_cls, tx),
-      eval_step=steps_lib.make_eval_step(apply_fn, n_cls, data.num_tasks),
+      eval_step=evaluators.make_eval_step(
+          lambda a, x: head_lib.apply_head(a["head"], apply_fn(a["params"], x)),
+          n_cls, data.task_sizes),
       merge=jax.jit(sl.merge),
       ckpt=ckpt_lib.Checkpointer(workdir, keep=exp.checkpoint.keep),
       writer=_writer(exp, seed, workdir),

@@ -19,7 +19,7 @@ from slora_jax import adapters as adapters_lib
 from slora_jax import head as head_lib
 from slora_jax import optim
 
-__all__ = ["make_optimizer", "make_train_step", "make_eval_step"]
+__all__ = ["make_optimizer", "make_train_step"]
 
 ApplyFn = Callable[[Any, jax.Array], jax.Array]
 
@@ -112,27 +112,3 @@ def make_train_step(apply_fn: ApplyFn, num_classes: int,
     return new_adapters, new_head, opt_state, metrics
 
   return jax.jit(step, donate_argnums=(0, 1, 2))
-
-
-def make_eval_step(apply_fn: ApplyFn, num_classes: int, num_tasks: int):
-  """Builds ``eval_step(params, head, batch, hi, task_of_class)``.
-
-  ``params`` are already merged (`slora_jax.merge`), so this is the bare
-  model's cost. Predictions are the task-agnostic argmax over the classes seen
-  so far, ``[0, hi)``. Returns per-task sums of top-1 and top-5 hits and of
-  samples, as (num_tasks,) arrays.
-  """
-
-  def eval_step(params, head, batch, hi, task_of_class):
-    logits = head_lib.apply_head(head, apply_fn(params, batch["image"]))
-    logits = head_lib.masked_logits(logits, head_lib.class_mask(0, hi, num_classes))
-    top = jax.lax.top_k(logits, min(5, num_classes))[1]
-    label = batch["label"]
-    top1 = top[:, 0] == label
-    top5 = jnp.any(top == label[:, None], axis=-1)
-    onehot = jax.nn.one_hot(task_of_class[label], num_tasks) * batch["mask"][:, None]
-    return {"top1": top1.astype(jnp.float32) @ onehot,
-            "top5": top5.astype(jnp.float32) @ onehot,
-            "count": jnp.sum(onehot, axis=0)}
-
-  return jax.jit(eval_step)
