@@ -31,7 +31,7 @@ def payload(session, done: Sequence[dict], adapters: sl.AdapterState) -> dict:
   curve_til = ([d["task_il_top1_sample_weighted"] for d in done] if til
                else None)
   if til:
-    extra["cross_task"] = _cross_task(data.task_sizes, done)
+    extra["cross_task"] = cross_task_section(data.task_sizes, done)
   if exp.method.single_phase:
     # One training phase on every class: a 1x1 matrix over all classes, with
     # the per-group accuracies kept beside it (Acc = AAA = final top-1). Its
@@ -62,7 +62,7 @@ def payload(session, done: Sequence[dict], adapters: sl.AdapterState) -> dict:
       stored_directions=int(sl.num_stored(adapters)))
 
 
-def _cross_task(group_sizes, done: Sequence[dict]) -> dict:
+def cross_task_section(group_sizes, done: Sequence[dict]) -> dict:
   """results.json's ``cross_task`` section: the integer counts of every
   evaluation, and the cross-task errors of the last one that holds them."""
   keys = ("count", "top1", "task_il_top1", "to_earlier", "to_later")
