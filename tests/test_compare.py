@@ -405,3 +405,18 @@ def test_compare_checks_every_field_type(tmp_path, field, value, message):
     return
   assert code == 2 and err.getvalue().count("\n") == 1, err.getvalue()
   assert err.getvalue().startswith(f"compare: error: {path}: {message}")
+
+
+def test_printed_lines_show_task_il_beside_class_il():
+  from slora_jax.runner import report  # pylint: disable=import-outside-toplevel
+  record = {"task": 1, "top1_sample_weighted": 57.2, "top1_per_task": [50.0,
+            64.4], "task_il_top1_sample_weighted": 88.1, "wall_time_s": 3.0,
+            "train_images_per_s": 100.0}
+  assert report.task_line(record, 2).startswith(
+      "task 2/2: top-1 57.20 (task-IL 88.10)  per task [50.0, 64.4]")
+  lines = report.final_lines(_payload(task_il=[92.0, 88.0]), 1993, 5.0,
+                             "r/results.json").splitlines()
+  assert lines[-2] == ("  task-IL (each image against its own task's "
+                       "classes): Acc 88.00  AAA 90.00  forgetting 1.00")
+  old = report.final_lines(_payload(), 1993, 5.0, "r/results.json")
+  assert "task-IL" not in old
