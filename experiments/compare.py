@@ -47,7 +47,7 @@ _ALLOW_PARTIAL = flags.DEFINE_bool(
     "and kept apart from finished runs, instead of refusing them.")
 
 METRICS = (("acc", "Acc"), ("aaa", "AAA"))
-# Task-IL (each image against its own task's classes): no reference publishes it.
+# Task-IL (each image against its own task's classes): no reference has it.
 TASK_IL = (("acc_task_il", "Acc"), ("aaa_task_il", "AAA"))
 # The three kinds of published reference, in the order they are listed.
 KINDS = (("paper", "paper table"), ("official_log", "official log"),

@@ -1,4 +1,4 @@
-"""How much of a run's task-agnostic error is its head's: the last evaluation read two ways.
+"""How much of a run's task-agnostic error is its head's: two readouts.
 
     python -m experiments.head_share WORKDIR [--seed=1993]
 

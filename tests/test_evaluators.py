@@ -75,7 +75,8 @@ def _old_class_il_step(num_classes, num_tasks):
     label = batch["label"]
     top1 = top[:, 0] == label
     top5 = jnp.any(top == label[:, None], axis=-1)
-    onehot = jax.nn.one_hot(task_of_class[label], num_tasks) * batch["mask"][:, None]
+    onehot = (jax.nn.one_hot(task_of_class[label], num_tasks)
+              * batch["mask"][:, None])
     return {"top1": top1.astype(jnp.float32) @ onehot,
             "top5": top5.astype(jnp.float32) @ onehot,
             "count": jnp.sum(onehot, axis=0)}

@@ -475,7 +475,9 @@ def plot_results(results: dict, path_png) -> str:
   summary = results["summary"]
   series = [("top1_sample_weighted", "top-1, sample-weighted (Acc)", "o-"),
             ("top1_task_mean", "top-1, mean over tasks", "s--"),
-            ("top5_sample_weighted", "top-5, sample-weighted", "^:")]
+            ("top5_sample_weighted", "top-5, sample-weighted", "^:"),
+            ("task_il_top1_sample_weighted", "task-IL top-1, sample-weighted",
+             "d-.")]
   for key, label, style in series:
     ys = curves.get(key)
     if ys is not None and len(ys) == T:
