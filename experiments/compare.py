@@ -47,6 +47,8 @@ _ALLOW_PARTIAL = flags.DEFINE_bool(
     "and kept apart from finished runs, instead of refusing them.")
 
 METRICS = (("acc", "Acc"), ("aaa", "AAA"))
+# Task-IL (each image against its own task's classes): no reference has it.
+TASK_IL = (("acc_task_il", "Acc"), ("aaa_task_il", "AAA"))
 # The three kinds of published reference, in the order they are listed.
 KINDS = (("paper", "paper table"), ("official_log", "official log"),
          ("libcontinual", "LibContinual rerun"))
@@ -138,6 +140,12 @@ def compare_runs(runs: Sequence[tuple[str, dict]],
              "data_manifests": data}
     for key, _ in METRICS:
       group[key] = stats([res["summary"][key] for _, res in members])
+    # Files of older versions have no task-IL: then the group has none.
+    group["predate_task_il"] = sum(
+        res["summary"].get("acc_task_il") is None for _, res in members)
+    for key, _ in TASK_IL:
+      group[key] = (None if group["predate_task_il"] else
+                    stats([res["summary"][key] for _, res in members]))
     refs = []
     for ref in ([] if part else
                 reference_numbers.references(benchmark, method)):
@@ -163,6 +171,15 @@ def _fmt(x, spec: str = ".2f", sign: bool = False) -> str:
   # Round first so float noise (68.771 - 68.771 = -1e-14) never prints "-0.00".
   x = float(format(x, spec)) + 0.0
   return format(x, ("+" if sign else "") + spec)
+
+
+def _task_il_line(g: dict) -> str:
+  if g.get("predate_task_il"):
+    return (f"   task-IL: n/a, {g['predate_task_il']} of {g['acc']['n']} "
+            "run(s) predate task-IL")
+  cells = "  ".join(f"{label} {_fmt(g[key]['mean'])} ± {_fmt(g[key]['std'])}"
+                    for key, label in TASK_IL)
+  return f"   task-IL (each image against its own task's classes): {cells}"
 
 
 def format_comparison(groups: Sequence[dict]) -> str:
@@ -202,6 +219,7 @@ def format_comparison(groups: Sequence[dict]) -> str:
         lead = prefix if i == 0 else " " * len(prefix)
         lines.append(lead + f"{_fmt(ref[key]):>6} {_fmt(ref[key + '_se']):>6} "
                      f"{_fmt(ref[key + '_diff'], sign=True):>6}   {ref['source']}")
+    lines.append(_task_il_line(g))
     labels = dict(KINDS)
     if g["references"] and g.get("unpublished_kinds"):
       # Say which kinds are absent, so a missing row is not read as an omission.

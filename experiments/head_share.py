@@ -1,144 +1,127 @@
-"""How much of a run's task-agnostic error is its head's: the final model read two ways.
+"""How much of a run's task-agnostic error is its head's: two readouts.
 
     python -m experiments.head_share WORKDIR [--seed=1993]
 
-Loads the checkpoint the run's last evaluation used (as
-``experiments.export`` loads one), merges the adapters and scores the run's
-own test images, through its own evaluation batches, twice: against every
-trained class (task-agnostic, the run's top-1) and against the classes of
-the image's own task only (task-aware). The gap between the two is error
-the features do not make: a right answer that another task's head row
-outscores. Prints and writes ``<seed dir>/head_share.json``: per task both
-accuracies and the share of its images sent to an earlier or a later task;
-over all errors, the share landing in another task and, for classes named
+Reads the run's results.json (no checkpoint, no re-evaluation): its
+``cross_task`` section holds, for the last evaluation, per task the images
+scored right against every trained class (task-agnostic, the run's top-1)
+and against the classes of the image's own task only (task-aware, its
+task-IL), and the images sent to an earlier or a later task. The gap between
+the two accuracies is error the features do not make: a right answer that
+another task's head row outscores. Prints and writes
+``<seed dir>/head_share.json``: per task both accuracies and the share of its
+images sent to an earlier or a later task; over all errors, the share landing
+in another task and, once every task is evaluated, for classes named
 ``'garment / style'`` (Fashion-MNIST-R pairs), whether the class picked
 shares the garment or the style.
 """
 
 from __future__ import annotations
 
+import glob
 import os
 
 from absl import flags
-import jax
-import numpy as np
 
-import slora_jax as sl
-from experiments import export as export_lib
 from experiments import tool
-from slora_jax.runner import experiment_data
 from slora_jax.runner import results as results_lib
 
 __all__ = ["summarize", "head_share"]
 
 
-def _pct(x) -> float:
-  return round(100.0 * float(np.mean(x)), 2) if np.size(x) else float("nan")
+def _pct(part, whole) -> float:
+  """``part / whole`` in % to 2 places (NaN of nothing)."""
+  return round(100.0 * (part / whole), 2) if whole else float("nan")
 
 
-def summarize(logits: np.ndarray, labels: np.ndarray, task_sizes,
-              names=None) -> dict:
-  """Task-agnostic vs task-aware accuracy of ``logits`` (rows: samples).
+def summarize(cross_task: dict, names=None) -> dict:
+  """Task-agnostic vs task-aware accuracy of the last evaluation.
 
-  ``labels`` are head rows; task ``k`` owns the next ``task_sizes[k]`` rows.
-  ``names`` (one per row) of the form ``'garment / style'`` add the garment
-  and style shares of the cross-task errors.
+  ``cross_task``: results.json's section of that name (integer counts per
+  evaluation, `slora_jax.runner.evaluators`). ``names`` (one per head row)
+  of the form ``'garment / style'`` add the garment and style shares of the
+  cross-task errors, which the section holds once every task is evaluated.
   """
-  bounds = np.cumsum([0, *task_sizes])
-  task_of = np.searchsorted(bounds, np.arange(bounds[-1]), side="right") - 1
-  pred = logits.argmax(1)
-  own = np.empty_like(pred)
-  for k, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
-    m = task_of[labels] == k
-    own[m] = lo + logits[m, lo:hi].argmax(1)
-  task, ptask = task_of[labels], task_of[pred]
-  per_task = [{"task": k + 1, "top1": _pct(pred[m] == labels[m]),
-               "own_task_rows_only": _pct(own[m] == labels[m]),
-               "to_earlier_task": _pct(ptask[m] < k),
-               "to_later_task": _pct(ptask[m] > k)}
-              for k in range(len(task_sizes)) for m in [task == k]]
-  err = pred != labels
-  cross = err & (ptask != task)
-  out = {"top1": _pct(~err), "own_task_rows_only": _pct(own == labels),
-         "errors": int(err.sum()), "errors_in_another_task": _pct(cross[err]),
+  count, top1, own, earlier, later = (
+      cross_task[k][-1] for k in ("count", "top1", "task_il_top1",
+                                  "to_earlier", "to_later"))
+  n, right = sum(count), sum(top1)
+  errors = n - right
+  per_task = [{"task": k + 1, "top1": _pct(top1[k], count[k]),
+               "own_task_rows_only": _pct(own[k], count[k]),
+               "to_earlier_task": _pct(earlier[k], count[k]),
+               "to_later_task": _pct(later[k], count[k])}
+              for k in range(len(count))]
+  out = {"top1": _pct(right, n), "own_task_rows_only": _pct(sum(own), n),
+         "errors": int(errors),
+         "errors_in_another_task": _pct(sum(earlier) + sum(later), errors),
          "per_task": per_task}
-  if names is not None and all(n.count(" / ") == 1 for n in names):
-    parts = np.asarray([n.split(" / ") for n in names])
-    same_g = parts[pred, 0] == parts[labels, 0]
-    same_s = parts[pred, 1] == parts[labels, 1]
-    out |= {"cross_task_same_garment": _pct(same_g[cross]),
-            "cross_task_same_style": _pct(same_s[cross])}
+  pairs = (cross_task.get("errors") or {}).get("pairs")
+  if (names is not None and pairs is not None
+      and all(name.count(" / ") == 1 for name in names)):
+    parts = [name.split(" / ") for name in names]
+    cross = sum(c for _, _, c in pairs)
+    out |= {f"cross_task_same_{what}": _pct(
+        sum(c for l, p, c in pairs if parts[l][i] == parts[p][i]), cross)
+            for i, what in enumerate(("garment", "style"))}
   return out
 
 
-def _logits_and_labels(run: dict, data, n: int):
-  """The merged model's logits over classes ``[0, n)`` on the run's test
-  samples of those classes, through the run's own evaluation batches."""
-  params = sl.merge(run["params"], run["adapters"])
-  fwd = jax.jit(lambda params, head, x: sl.apply_head(
-      head, run["model"].apply({"params": params}, x)))
-  logits, labels = [], []
-  with data.eval_batches(n) as batches:
-    for b in batches:
-      real = b["mask"] > 0                   # the last batch is padded
-      logits.append(np.asarray(fwd(params, run["head"], b["image"]))[real, :n])
-      labels.append(np.asarray(b["label"])[real])
-  return np.concatenate(logits), np.concatenate(labels)
+def _results_path(workdir: str, seed: int | None) -> str:
+  """``workdir``'s results.json, or that of its (one) ``seed_<seed>`` run."""
+  if os.path.isfile(os.path.join(workdir, results_lib.RESULTS_FILENAME)):
+    return os.path.join(workdir, results_lib.RESULTS_FILENAME)
+  pattern = f"seed_{seed}" if seed is not None else "seed_*"
+  found = sorted(glob.glob(os.path.join(workdir, pattern,
+                                        results_lib.RESULTS_FILENAME)))
+  if not found:
+    raise FileNotFoundError(f"{workdir} holds no run ({pattern}/"
+                            f"{results_lib.RESULTS_FILENAME}); pass the "
+                            "--workdir of a run")
+  if len(found) > 1:
+    raise ValueError(f"{workdir} holds runs of several seeds "
+                     f"({', '.join(p.split(os.sep)[-2] for p in found)}); "
+                     "pick one with --seed")
+  return found[0]
 
 
-def _evaluated_step(workdir: str, seed: int | None) -> int:
-  """The checkpoint the run's last evaluation used (`export.evaluated_step`):
-  the task trained, else the task finished; never a later mid-task one."""
-  step, kind = export_lib.evaluated_step(workdir, seed)
-  if kind == "latest":
-    metas = [(s, m) for s, m in export_lib.checkpoint_metas(workdir, seed)
-             if m is not None]
-    meta = dict(metas)[step]
-    raise ValueError(
-        f"no kept checkpoint of {workdir} holds a model the run evaluated "
-        f"(the latest, {step}, is at task {meta['cursor']['task'] + 1}, "
-        f"step {meta['cursor']['step']}, with {len(meta['done'])} task(s) "
-        "evaluated); let the run finish a task, or pass --step=N to score "
-        f"another checkpoint ({', '.join(str(s) for s, _ in metas)})")
-  return step
+def _head_rows_names(results: dict):
+  """The class name of each head row, when the data manifest names them."""
+  classes = (results.get("data_manifest") or {}).get("classes")
+  if not isinstance(classes, dict):
+    return None
+  names = list(classes)
+  return [names[c] for c in results["class_order"]]
 
 
-def _load_evaluated(workdir: str, seed: int | None, step: int | None) -> dict:
-  """The run at ``step``, or at the checkpoint its last evaluation used."""
-  if step is None:
-    step = _evaluated_step(workdir, seed)
-  return export_lib.load_run(workdir, seed, step)
-
-
-def head_share(workdir: str, seed: int | None = None,
-               step: int | None = None) -> dict:
-  """Loads a run; returns (and writes) ``summarize``'s dict."""
-  run = _load_evaluated(workdir, seed, step)
-  exp, n = run["exp"], run["num_trained_classes"]
-  data = experiment_data.prepare(exp.data, exp.train,
-                                 run["meta"]["fingerprint"]["seed"],
-                                 process_index=0, process_count=1)
-  logits, labels = _logits_and_labels(run, data, n)
-  groups = int(np.searchsorted(np.cumsum(data.task_sizes), n)) + 1
-  doc = summarize(logits, labels, data.task_sizes[:groups],
-                  data.class_names[:n]) | {"checkpoint": run["step"],
-                                           "cursor": run["meta"]["cursor"]}
-  path = results_lib.write_json(
-      os.path.join(run["seed_dir"], "head_share.json"), doc)
-  return doc | {"path": path}
+def head_share(workdir: str, seed: int | None = None) -> dict:
+  """Reads a run's results.json; returns (and writes) ``summarize``'s dict."""
+  path = _results_path(workdir, seed)
+  results = results_lib.load_results(path)
+  if results.get("cross_task") is None:
+    raise ValueError(f"{path} predates task-IL (no 'cross_task' section); "
+                     "rerun it with this version")
+  done, planned = results_lib.progress(results)
+  doc = summarize(results["cross_task"], _head_rows_names(results)) | {
+      "evaluated_tasks": len(results["cross_task"]["count"][-1]),
+      "after_phase": done, "phases": planned}
+  out = results_lib.write_json(
+      os.path.join(os.path.dirname(path), "head_share.json"), doc)
+  return doc | {"path": out}
 
 
 FLAGS = flags.FlagValues()       # its own, as export's
-export_lib.define_run_flags(FLAGS, "the one the run's last evaluation used")
+flags.DEFINE_integer("seed", None, "which seed_<seed> run (needed if several)",
+                     flag_values=FLAGS)
 USER_ERRORS = (FileNotFoundError, ValueError)
 
 
 def main(argv) -> int:
   """``python -m experiments.head_share WORKDIR``: `tool.run`'s main."""
-  doc = head_share(*export_lib.run_args(argv, FLAGS))
-  c = doc["cursor"]
-  print(f"checkpoint {doc['checkpoint']} (task {c['task'] + c['begun']} "
-        f"{'trained' if c['begun'] else 'finished'})")
+  workdir, = tool.positional(argv, "WORKDIR")
+  doc = head_share(workdir, FLAGS.seed)
+  print(f"evaluation after phase {doc['after_phase']} of {doc['phases']} "
+        f"({doc['evaluated_tasks']} tasks)")
   print(f"top-1 {doc['top1']:.2f} task-agnostic, "
         f"{doc['own_task_rows_only']:.2f} on each image's own task's rows; "
         f"{doc['errors_in_another_task']:.1f}% of the {doc['errors']} errors "

@@ -5,6 +5,7 @@ import json
 import math
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -19,11 +20,24 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _payload(benchmark="imagenet_r_10", seed=1993, acc=77.0, aaa=82.0,
-             method="sdlora", T=2, **config):
-  """A small valid payload whose summary acc/aaa are set to the given values."""
+             method="sdlora", T=2, task_il=None, **config):
+  """A small valid payload whose summary acc/aaa are set to the given values;
+  with ``task_il`` (a curve), task-IL fields too."""
   rows = [[80.0 + t - k for k in range(t + 1)] for t in range(T)]
   curve = [aaa] * T
-  p = results.make_payload(
+  if task_il is not None:
+    til = [[90.0 - t - k for k in range(t + 1)] for t in range(T)]
+    counts = [[10 + k for k in range(t + 1)] for t in range(T)]
+    config_til = dict(acc_matrix_task_il=til,
+                      curve_task_il_top1_sample_weighted=task_il,
+                      cross_task={"task_sizes": [4] * T, "count": counts,
+                                  "top1": counts, "task_il_top1": counts,
+                                  "to_earlier": counts, "to_later": counts,
+                                  "errors": {"after_task": T - 1,
+                                             "pairs": [[0, 5, 2]]}})
+  else:
+    config_til = {}
+  p = results.make_payload(**config_til,
       config=dict(config, **({"benchmark": benchmark} if benchmark else {})),
       seed=seed, class_order=list(range(4 * T)), task_sizes=[4] * T,
       method=method, semantics="reference", acc_matrix=rows,
@@ -314,6 +328,53 @@ def test_compare_allow_partial_keeps_partial_runs_apart(tmp_path):
       (None, [77.0, 79.0]), ("2/5", [20.0])]
 
 
+def test_compare_shows_task_il_and_says_when_a_run_predates_it(tmp_path):
+  f1 = _write(tmp_path, "a", _payload(seed=1993, task_il=[92.0, 88.0]))
+  f2 = _write(tmp_path, "b", _payload(seed=1994, task_il=[93.0, 89.0]))
+  f3 = _write(tmp_path, "c", _payload(benchmark="fashion_mnist_5"))
+  out = io.StringIO()
+  assert compare.run([f1, f2, f3], stream=out, err=io.StringIO()) == 0
+  lines = out.getvalue().splitlines()
+  # Acc: the curves' last values 88, 89; AAA: their means 90, 91.
+  assert ("   task-IL (each image against its own task's classes): Acc 88.50 "
+          "± 0.71  AAA 90.50 ± 0.71") in lines
+  assert "   task-IL: n/a, 1 of 1 run(s) predate task-IL" in lines
+  d = results.load_results(f1)
+  assert d["summary"]["forgetting_task_il"] == 1.0   # 90 -> 89 on task 1
+  assert d["acc_matrix_task_il"] == [[90.0, None], [89.0, 88.0]]
+
+
+@pytest.mark.parametrize("field,value,message", [
+    (("acc_matrix_task_il", 1, 0), None,
+     "'acc_matrix_task_il[1][0]' must be a number, got None"),
+    (("acc_matrix_task_il",), [[90.0]],
+     "'acc_matrix_task_il' must be a list of 2 rows like 'acc_matrix'"),
+    (("curves", "task_il_top1_sample_weighted"), [90.0],
+     "'curves.task_il_top1_sample_weighted' has 1 values for 2 rows"),
+    (("cross_task", "to_later"), [[1]],
+     "'cross_task.to_later' must hold 2 rows, one per evaluation"),
+    (("cross_task", "top1", 1), [1, -1],
+     "'cross_task.top1[1]' must be a list of counts, got [1, -1]"),
+    (("cross_task", "top1", 1), [1],
+     "'cross_task.top1[1]' has 1 tasks; 'count' has 2"),
+    (("cross_task", "errors", "pairs"), [[0, 5]],
+     "'cross_task.errors.pairs[0]' must be [label, predicted, n]"),
+    (("cross_task", "errors"), None, None),     # not every task evaluated
+])
+def test_validation_checks_the_task_il_fields(tmp_path, field, value, message):
+  d = json.loads(pathlib.Path(_write(tmp_path, "a", _payload(
+      task_il=[92.0, 88.0]))).read_text())
+  node = d
+  for k in field[:-1]:
+    node = node[k]
+  node[field[-1]] = value
+  if message is None:
+    results.validate_results(d)
+    return
+  with pytest.raises(results.ResultsError, match=re.escape(f"x: {message}")):
+    results.validate_results(d, where="x")
+
+
 @pytest.mark.parametrize("field,value,message", [
     (("acc_matrix", 1, 0), "80.0",
      "'acc_matrix[1][0]' must be a number, got '80.0'"),
@@ -344,3 +405,18 @@ def test_compare_checks_every_field_type(tmp_path, field, value, message):
     return
   assert code == 2 and err.getvalue().count("\n") == 1, err.getvalue()
   assert err.getvalue().startswith(f"compare: error: {path}: {message}")
+
+
+def test_printed_lines_show_task_il_beside_class_il():
+  from slora_jax.runner import report  # pylint: disable=import-outside-toplevel
+  record = {"task": 1, "top1_sample_weighted": 57.2, "top1_per_task": [50.0,
+            64.4], "task_il_top1_sample_weighted": 88.1, "wall_time_s": 3.0,
+            "train_images_per_s": 100.0}
+  assert report.task_line(record, 2).startswith(
+      "task 2/2: top-1 57.20 (task-IL 88.10)  per task [50.0, 64.4]")
+  lines = report.final_lines(_payload(task_il=[92.0, 88.0]), 1993, 5.0,
+                             "r/results.json").splitlines()
+  assert lines[-2] == ("  task-IL (each image against its own task's "
+                       "classes): Acc 88.00  AAA 90.00  forgetting 1.00")
+  old = report.final_lines(_payload(), 1993, 5.0, "r/results.json")
+  assert "task-IL" not in old

@@ -24,6 +24,7 @@ import slora_jax as sl
 from experiments import export
 from experiments import tool
 from slora_jax.runner import config as config_lib
+from slora_jax.runner import experiment_data
 from slora_jax.runner import train
 from slora_jax.models import vit
 from tests import tiny_config
@@ -296,3 +297,50 @@ def _torch_logits(sd, cfg, images):
     t = t + F.linear(y, w[p + "mlp.fc2.weight"], w[p + "mlp.fc2.bias"])
   feats = ln(t, "norm")[:, 0]
   return F.linear(feats, w["head.weight"], w["head.bias"]).numpy()
+
+
+def _reevaluated_head_share(workdir):
+  """head_share's figures the way it computed them before results.json held
+  them: the evaluated checkpoint's merged model re-scored on the run's test
+  images (independent of the evaluators)."""
+  step, _ = export.evaluated_step(workdir, None)   # the model evaluated
+  run = export.load_run(workdir, None, step)
+  exp, n = run["exp"], run["num_trained_classes"]
+  data = experiment_data.prepare(exp.data, exp.train, 1993,
+                                 process_index=0, process_count=1)
+  params = sl.merge(run["params"], run["adapters"])
+  logits, labels = [], []
+  with data.eval_batches(n) as batches:
+    for b in batches:
+      real = b["mask"] > 0
+      out = sl.apply_head(run["head"],
+                          run["model"].apply({"params": params}, b["image"]))
+      logits.append(np.asarray(out)[real, :n])
+      labels.append(np.asarray(b["label"])[real])
+  logits, labels = np.concatenate(logits), np.concatenate(labels)
+  pct = lambda x: round(100.0 * float(np.mean(x)), 2)
+  bounds = np.cumsum([0, *data.task_sizes])
+  task_of = np.searchsorted(bounds, np.arange(bounds[-1]), side="right") - 1
+  pred = logits.argmax(1)
+  own = np.array([bounds[task_of[l]] + logits[i, bounds[task_of[l]]:
+                                              bounds[task_of[l] + 1]].argmax()
+                  for i, l in enumerate(labels)])
+  task, ptask = task_of[labels], task_of[pred]
+  err = pred != labels
+  cross = err & (ptask != task)
+  return {"top1": pct(~err), "own_task_rows_only": pct(own == labels),
+          "errors": int(err.sum()), "errors_in_another_task": pct(cross[err]),
+          "per_task": [{"task": k + 1, "top1": pct(pred[m] == labels[m]),
+                        "own_task_rows_only": pct(own[m] == labels[m]),
+                        "to_earlier_task": pct(ptask[m] < k),
+                        "to_later_task": pct(ptask[m] > k)}
+                       for k in range(len(data.task_sizes))
+                       for m in [task == k]]}
+
+
+def test_head_share_gives_the_figures_of_a_re_evaluation(workdir):
+  from experiments import head_share   # pylint: disable=import-outside-toplevel
+  want = _reevaluated_head_share(workdir)
+  got = head_share.head_share(workdir)
+  assert want["errors"] > 0 and 0 < want["errors_in_another_task"] < 100
+  assert {k: got[k] for k in want} == want

@@ -20,9 +20,8 @@ import pytest
 
 import slora_jax as sl
 from experiments import import_reference as cli
-from slora_jax.runner import metrics
+from slora_jax.runner import evaluators
 from slora_jax.runner import reference_import as ri
-from slora_jax.runner import steps
 from slora_jax.models import convert
 from slora_jax.models import vit as vit_lib
 
@@ -182,10 +181,13 @@ def test_cli_writes_a_checkpoint_that_merge_and_eval_step_use(setup, tmp_path):
   task_sizes = [CLASSES[0]] + [b - a for a, b in zip(CLASSES, CLASSES[1:])]
   pred = want.argmax(-1)
   label = np.where(np.arange(len(pred)) < 3, pred, (pred + 1) % n_cls)
-  eval_step = steps.make_eval_step(_forward, n_cls, len(task_sizes))
-  counts = eval_step(merged, head, {"image": s["images"], "label": label,
-                                    "mask": np.ones(len(label), np.float32)},
-                     n_cls, jnp.asarray(metrics.class_to_task(task_sizes)))
+  eval_step = evaluators.make_eval_step(
+      lambda a, x: sl.apply_head(a["head"], _forward(a["params"], x)),
+      n_cls, task_sizes)
+  sums = eval_step({"params": merged, "head": head},
+                   {"image": s["images"], "label": label,
+                    "mask": np.ones(len(label), np.float32)}, n_cls)
+  counts = sums["class_il"]
   assert float(counts["top1"].sum()) == 3 and float(counts["count"].sum()) == 6
 
 

@@ -72,6 +72,12 @@ def test_full_run_writes_results_plot_events_checkpoints(uninterrupted):
   assert np.all(np.isnan(R[np.triu_indices(5, 1)]))
   assert np.all((R[np.tril_indices(5)] >= 0) & (R[np.tril_indices(5)] <= 100))
   assert res["summary"]["acc"] == res["curves"]["top1_sample_weighted"][-1]
+  # task-IL beside class-IL: the same layout, never below it per task
+  R_til = np.array(res["acc_matrix_task_il"], dtype=float)
+  assert np.all(R_til[np.tril_indices(5)] >= R[np.tril_indices(5)])
+  assert res["summary"]["acc_task_il"] == res["curves"][
+      "task_il_top1_sample_weighted"][-1]
+  assert res["cross_task"]["count"][-1] == [40] * 5   # 20 test images a class
   assert len(res["per_task"]) == 5 and all(
       p["train_images_per_s"] > 0 for p in res["per_task"])
   assert res["class_order"] == list(np.random.RandomState(1993).permutation(10))
@@ -113,6 +119,14 @@ def test_methods_run_end_to_end(method, tmp_path, cache_dir):
   assert res["summary"]["num_tasks"] == n
   if method == "joint":
     assert len(res["joint_group_top1"]) == 5
+    # One task of every class: its task-IL is its class-IL; the groups' own
+    # task-IL beside it, each at least the group's class-IL.
+    assert res["acc_matrix_task_il"] == res["acc_matrix"]
+    assert res["summary"]["acc_task_il"] == res["summary"]["acc"]
+    assert all(t >= c for t, c in zip(res["joint_group_task_il_top1"],
+                                      res["joint_group_top1"]))
+    assert len(res["cross_task"]["count"]) == 1
+    assert res["cross_task"]["errors"]["after_task"] == 0
   if method == "sdlora_rr":
     assert res["stored_directions"] == 5
   if method == "linear_probe":

@@ -22,11 +22,26 @@ JSON has no NaN/Infinity: undefined numbers are ``null``.
                    run is unfinished: its numbers are not final); files
                    without it are judged by that row count
   acc_matrix_top5  optional, same layout for top-5
+  acc_matrix_task_il  optional (absent in files of older versions), same
+                   layout, task-IL top-1: each image scored against its own
+                   task's classes only (`evaluators`); a single-phase run's
+                   1x1 matrix has one task of every class: its class-IL
   curves           {top1_sample_weighted: [T], top1_task_mean: [T],
-                    top5_sample_weighted: [T] or null}
+                    top5_sample_weighted: [T] or null; with task-IL,
+                    task_il_top1_sample_weighted: [T]}
   summary          ``metrics.summarize`` output: num_tasks, acc, aaa,
                    acc_task_mean, aaa_task_mean, acc_top5, aaa_top5,
-                   forgetting, bwt
+                   forgetting, bwt; with task-IL also acc_task_il,
+                   aaa_task_il (on its sample-weighted curve) and
+                   forgetting_task_il
+  cross_task       with task-IL: integer counts per evaluation (ragged rows
+                   over the tasks seen; a single-phase run's over the data's
+                   class groups): {task_sizes: the groups, count, top1,
+                   task_il_top1, to_earlier, to_later: images of each task
+                   predicted (class-IL top-1) into an earlier / a later task;
+                   errors: {after_task, pairs: [[label, predicted class, n]]}
+                   of the cross-task errors once every task is evaluated,
+                   else null}
   per_task         [{task, wall_time_s, train_images_per_s, steps,
                      eval_time_s, ...}]
   versions         ``collect_versions()``: slora_jax, jax, jaxlib, flax, optax,
@@ -164,13 +179,15 @@ def make_payload(*, config, seed: int, class_order: Sequence[int],
                  task_sizes: Sequence[int], method: str, semantics,
                  acc_matrix, curve_top1_sample_weighted,
                  curve_top1_task_mean=None, curve_top5_sample_weighted=None,
-                 acc_matrix_top5=None, per_task=(), backbone=None,
-                 **extra) -> dict:
+                 acc_matrix_top5=None, acc_matrix_task_il=None,
+                 curve_task_il_top1_sample_weighted=None, per_task=(),
+                 backbone=None, **extra) -> dict:
   """Builds a schema-conforming payload; computes ``summary`` and ``versions``.
 
   ``acc_matrix`` may be ragged rows or a (T, T) array (see
   ``metrics.accuracy_matrix``); ``curve_top1_task_mean`` defaults to its row
-  means. ``extra`` keys are stored as given.
+  means; ``acc_matrix_task_il`` with its curve adds task-IL. ``extra`` keys
+  are stored as given.
   """
   R = metrics.accuracy_matrix(acc_matrix)
   summary = metrics.summarize(R, curve_top1_sample_weighted, curve_top1_task_mean,
@@ -207,6 +224,16 @@ def make_payload(*, config, seed: int, class_order: Sequence[int],
       "backbone": backbone if backbone is not None else {
           "name": None, "checkpoint_path": None, "sha256": None},
   }
+  if acc_matrix_task_il is not None:
+    R_til = metrics.accuracy_matrix(acc_matrix_task_il)
+    curve = np.asarray(curve_task_il_top1_sample_weighted, dtype=float)
+    if R_til.shape != R.shape or curve.shape != (R.shape[0],):
+      raise ValueError(f"task-IL matrix {R_til.shape} and curve {curve.shape} "
+                       f"do not fit the {R.shape} accuracy matrix")
+    payload["acc_matrix_task_il"] = R_til
+    payload["curves"]["task_il_top1_sample_weighted"] = curve.tolist()
+    summary.update(acc_task_il=float(curve[-1]), aaa_task_il=float(curve.mean()),
+                   forgetting_task_il=metrics.forgetting(R_til))
   payload.update(extra)
   return to_jsonable(payload)
 
@@ -225,6 +252,49 @@ def _numbers(values, name: str, fail, nullable: bool = False) -> None:
   for i, v in enumerate(values):
     if not (_is_number(v) or (nullable and v is None)):
       fail(f"'{name}[{i}]' must be a number, got {v!r}")
+
+
+def _matrix(m, rows: int, name: str, fail) -> None:
+  if not isinstance(m, list) or len(m) != rows or not all(
+      isinstance(r, list) for r in m):
+    fail(f"'{name}' must be a list of {rows} rows like 'acc_matrix'")
+  for t, row in enumerate(m):
+    if len(row) not in (t + 1, rows):
+      fail(f"'{name}' row {t} has {len(row)} entries; expected {t + 1} or "
+           f"{rows}")
+    _numbers(row[:t + 1], f"{name}[{t}]", fail)
+    _numbers(row[t + 1:], f"{name}[{t}]", fail, nullable=True)
+
+
+def _ints(values, name: str, fail) -> None:
+  if not (isinstance(values, list) and all(
+      _is_int(v) and v >= 0 for v in values)):
+    fail(f"'{name}' must be a list of counts, got {values!r}")
+
+
+def _cross_task(c, rows: int, fail) -> None:
+  """The ``cross_task`` section: per evaluation, counts over the groups seen."""
+  if not isinstance(c, dict):
+    fail("'cross_task' must be an object")
+  _ints(c.get("task_sizes"), "cross_task.task_sizes", fail)
+  for key in ("count", "top1", "task_il_top1", "to_earlier", "to_later"):
+    v = c.get(key)
+    if not isinstance(v, list) or len(v) != rows:
+      fail(f"'cross_task.{key}' must hold {rows} rows, one per evaluation")
+    for t, row in enumerate(v):
+      _ints(row, f"cross_task.{key}[{t}]", fail)
+      if len(row) != len(c["count"][t]) or len(row) > len(c["task_sizes"]):
+        fail(f"'cross_task.{key}[{t}]' has {len(row)} tasks; 'count' has "
+             f"{len(c['count'][t])}")
+  errors = c.get("errors")
+  if errors is not None:
+    pairs = errors.get("pairs") if isinstance(errors, dict) else None
+    if not _is_int(errors.get("after_task") if pairs is not None else None):
+      fail("'cross_task.errors' must be {after_task, pairs} or null")
+    for i, p in enumerate(pairs):
+      _ints(p, f"cross_task.errors.pairs[{i}]", fail)
+      if len(p) != 3:
+        fail(f"'cross_task.errors.pairs[{i}]' must be [label, predicted, n]")
 
 
 def progress(d: dict) -> tuple[int, int | None]:
@@ -268,6 +338,16 @@ def validate_results(d, where: str = "results") -> dict:
            f"or {len(matrix)}")
     _numbers(row[:t + 1], f"acc_matrix[{t}]", fail)
     _numbers(row[t + 1:], f"acc_matrix[{t}]", fail, nullable=True)
+  if "acc_matrix_task_il" in d:
+    _matrix(d["acc_matrix_task_il"], len(matrix), "acc_matrix_task_il", fail)
+    _numbers(curves.get("task_il_top1_sample_weighted"),
+             "curves.task_il_top1_sample_weighted", fail)
+    if len(curves["task_il_top1_sample_weighted"]) != len(matrix):
+      fail(f"'curves.task_il_top1_sample_weighted' has "
+           f"{len(curves['task_il_top1_sample_weighted'])} values for "
+           f"{len(matrix)} rows")
+  if d.get("cross_task") is not None:
+    _cross_task(d["cross_task"], len(matrix), fail)
   if len(matrix) != len(curves["top1_sample_weighted"]):
     fail(f"acc_matrix has {len(matrix)} rows but the top-1 curve "
          f"{len(curves['top1_sample_weighted'])} values")
@@ -395,7 +475,9 @@ def plot_results(results: dict, path_png) -> str:
   summary = results["summary"]
   series = [("top1_sample_weighted", "top-1, sample-weighted (Acc)", "o-"),
             ("top1_task_mean", "top-1, mean over tasks", "s--"),
-            ("top5_sample_weighted", "top-5, sample-weighted", "^:")]
+            ("top5_sample_weighted", "top-5, sample-weighted", "^:"),
+            ("task_il_top1_sample_weighted", "task-IL top-1, sample-weighted",
+             "d-.")]
   for key, label, style in series:
     ys = curves.get(key)
     if ys is not None and len(ys) == T:

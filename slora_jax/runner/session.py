@@ -17,15 +17,14 @@ import time
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 
 from slora_jax.runner import backbone as backbone_lib
 from slora_jax.runner import checkpoint as ckpt_lib
 from slora_jax.runner import config as config_lib
 from slora_jax.runner import dry_run
+from slora_jax.runner import evaluators
 from slora_jax.runner import experiment_data
 from slora_jax.runner import methods as methods_lib
-from slora_jax.runner import metrics
 from slora_jax.runner import parallel
 from slora_jax.runner import steps as steps_lib
 from slora_jax.runner import writers as writers_lib
@@ -81,7 +80,6 @@ class Session:
   ckpt: ckpt_lib.Checkpointer
   writer: writers_lib.MetricWriter | None  # process 0 only
   fingerprint: dict
-  task_of_class: jax.Array
   t_start: float
 
   @property
@@ -194,11 +192,10 @@ def open_session(exp: config_lib.Experiment, seed: int, workdir: str) -> Session
       backbone=parallel.replicate(params, mesh), backbone_info=info,
       method=method, run=run,
       train_step=steps_lib.make_train_step(method, run),
-      eval_step=steps_lib.make_eval_step(logits, data.num_classes,
-                                         data.num_tasks),
+      eval_step=evaluators.make_eval_step(logits, data.num_classes,
+                                          data.task_sizes),
       eval_arrays=jax.jit(functools.partial(method.eval_arrays, run)),
       ckpt=ckpt_lib.Checkpointer(workdir, keep=exp.checkpoint.keep),
       writer=_writer(exp, seed, workdir),
       fingerprint=fingerprint(exp, seed, data.class_order, data.task_sizes),
-      task_of_class=jnp.asarray(metrics.class_to_task(data.task_sizes)),
       t_start=t_start)

@@ -18,11 +18,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from slora_jax import head as head_lib
 from slora_jax.runner.methods import base
 
-__all__ = ["TrainState", "task_args", "init_opt_state", "make_train_step",
-           "make_eval_step"]
+__all__ = ["TrainState", "task_args", "init_opt_state", "make_train_step"]
 
 
 @flax.struct.dataclass
@@ -70,28 +68,3 @@ def make_train_step(method: base.Method, run: base.Run):
     return TrainState(arrays, opt_state), metrics
 
   return jax.jit(step, donate_argnums=(0,))
-
-
-def make_eval_step(logits_fn, num_classes: int, num_tasks: int):
-  """Builds ``eval_step(eval_arrays, batch, hi, task_of_class)``.
-
-  ``logits_fn(eval_arrays, images)``: the method's logits on what it
-  evaluates (merged weights: the bare model's cost). Predictions are the
-  task-agnostic argmax over the classes seen so far, ``[0, hi)``. Returns
-  per-task sums of top-1 and top-5 hits and of samples, as (num_tasks,)
-  arrays.
-  """
-
-  def eval_step(eval_arrays, batch, hi, task_of_class):
-    logits = logits_fn(eval_arrays, batch["image"])
-    logits = head_lib.masked_logits(logits, head_lib.class_mask(0, hi, num_classes))
-    top = jax.lax.top_k(logits, min(5, num_classes))[1]
-    label = batch["label"]
-    top1 = top[:, 0] == label
-    top5 = jnp.any(top == label[:, None], axis=-1)
-    onehot = jax.nn.one_hot(task_of_class[label], num_tasks) * batch["mask"][:, None]
-    return {"top1": top1.astype(jnp.float32) @ onehot,
-            "top5": top5.astype(jnp.float32) @ onehot,
-            "count": jnp.sum(onehot, axis=0)}
-
-  return jax.jit(eval_step)

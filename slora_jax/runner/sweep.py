@@ -69,13 +69,17 @@ def _mean_std(values) -> tuple[float | None, float | None]:
 
 
 def summary_rows(by_method: dict[str, list[dict]]) -> list[dict]:
-  """Acc, AAA and forgetting per method, mean and std over its seeds."""
+  """Class-IL Acc, AAA and forgetting and task-IL Acc per method, mean and
+  std over its seeds (task-IL: None if a seed's results predate it)."""
   rows = []
   for name, payloads in by_method.items():
     row = {"method": name, "seeds": [p["seed"] for p in payloads]}
     for key in ("acc", "aaa", "forgetting"):
       row[key], row[f"{key}_std"] = _mean_std(
           p["summary"].get(key) for p in payloads)
+    til = [p["summary"].get("acc_task_il") for p in payloads]
+    row["acc_task_il"], row["acc_task_il_std"] = (
+        _mean_std(til) if None not in til else (None, None))
     row["wall_time_s"] = sum(sum(t.get("wall_time_s", 0.0) for t in p["per_task"])
                              for p in payloads)
     rows.append(row)
@@ -89,8 +93,12 @@ def format_table(rows: list[dict]) -> str:
     return "n/a" if m is None else f"{m:6.2f} ± {s:5.2f}"
 
   n = max(len(r["seeds"]) for r in rows)
-  lines = [f"mean ± std over {n} seed(s); forgetting n/a for one phase",
-           f"{'method':<14}{'Acc':>16}{'AAA':>16}{'forgetting':>16}"]
+  lines = [f"mean ± std over {n} seed(s); class-IL (task-agnostic) Acc, AAA "
+           "and forgetting (n/a for one phase); task-IL Acc (each image "
+           "against its own task's classes)",
+           f"{'method':<14}{'Acc':>16}{'AAA':>16}{'forgetting':>16}"
+           f"{'task-IL Acc':>16}"]
   lines += [f"{r['method']:<14}{cell(r, 'acc'):>16}{cell(r, 'aaa'):>16}"
-            f"{cell(r, 'forgetting'):>16}" for r in rows]
+            f"{cell(r, 'forgetting'):>16}{cell(r, 'acc_task_il'):>16}"
+            for r in rows]
   return "\n".join(lines)

@@ -29,10 +29,10 @@ from slora_jax.runner import checkpoint as ckpt_lib
 from slora_jax.runner import config as config_lib
 from slora_jax.runner import dry_run
 from slora_jax.runner import errors
+from slora_jax.runner import evaluators
 from slora_jax.runner import faults
 from slora_jax.runner import interrupt
 from slora_jax.runner import lock
-from slora_jax.runner import metrics
 from slora_jax.runner import parallel
 from slora_jax.runner import paths
 from slora_jax.runner import progress as progress_lib
@@ -385,24 +385,15 @@ def evaluate_task(s: Session, prog: Progress, t: int, timing: dict) -> dict:
   te = time.perf_counter()
   ev_arrays = s.eval_arrays(prog.state.arrays, s.backbone)
   eval_hi = s.data.eval_hi(t)
-  counts = None
+  sums = None
   for local in s.data.eval_batches(eval_hi):
-    c = s.eval_step(ev_arrays, parallel.global_batch(local, s.mesh),
-                    eval_hi, s.task_of_class)
-    counts = c if counts is None else jax.tree.map(jnp.add, counts, c)
+    sums = evaluators.add(sums, s.eval_step(
+        ev_arrays, parallel.global_batch(local, s.mesh), eval_hi))
     faults.point("eval_step")
     # Evaluation restarts on resume from the checkpoint of the trained task.
     _stop_if_requested(s, prog, f"task {t + 1}/{s.num_phases}, evaluation")
-  counts = jax.tree.map(lambda x: np.asarray(x).round().astype(np.int64), counts)
-  n = s.data.eval_tasks(t)
-  ev = metrics.evaluate_counts(counts["top1"][:n], counts["count"][:n],
-                               counts["top5"][:n])
   record = {
-      "task": t, "top1_per_task": ev["top1_per_task"],
-      "top5_per_task": ev.get("top5_per_task"),
-      "top1_sample_weighted": ev["top1_sample_weighted"],
-      "top1_task_mean": ev["top1_task_mean"],
-      "top5_sample_weighted": ev["top5_sample_weighted"],
+      "task": t, **evaluators.task_record(sums, s.data.eval_tasks(t)),
       **timing, "eval_time_s": time.perf_counter() - te,
       "train_images_per_s": timing["steps"] * s.exp.train.batch_size /
                             max(timing["wall_time_s"], 1e-9),
@@ -411,12 +402,7 @@ def evaluate_task(s: Session, prog: Progress, t: int, timing: dict) -> dict:
   print(report.task_line(record, s.num_phases), flush=True)
   if s.writer:
     s.writer.write_scalars(global_step(s, t, s.steps(t)[1]), {
-        "eval/top1": ev["top1_sample_weighted"],
-        "eval/top1_task_mean": ev["top1_task_mean"],
-        "eval/top5": ev["top5_sample_weighted"],
-        **{f"eval/top1_task{k + 1}": v
-           for k, v in enumerate(ev["top1_per_task"])},
-        **s.method.scalars(_method_state(prog))})
+        **evaluators.scalars(record), **s.method.scalars(_method_state(prog))})
     s.writer.flush()
   return record
 
