@@ -155,6 +155,12 @@ def load_run(workdir: str, seed: int | None = None, step: int | None = None):
   # complaint about the config it left behind.
   state, meta, step = _restore(seed_dir, step)
   exp = config_lib.from_config(_config(seed_dir))
+  arrays = state.get("arrays") or {}
+  if "adapters" not in arrays:
+    raise ValueError(f"{seed_dir} is a run of {exp.method.name}, whose "
+                     "checkpoints hold no SD-LoRA adapters; export writes "
+                     "the runs of the methods built on them")
+  state = {**arrays["adapters"], "head": arrays["head"]}
   model_cfg, model, params, _ = backbone_lib.build(exp.model, exp.data)
   previous = state["frozen"]["previous"]
   first = next(iter(previous.values()))["A"]
