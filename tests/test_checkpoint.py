@@ -61,8 +61,14 @@ def test_fingerprint_mismatch_names_the_field():
 
 # --- the fingerprint covers every field that can change a number -------------
 
-def _tiny_experiment():
-  return config_lib.from_config(tiny_config.get_config())
+def _tiny_experiment(method="sdlora"):
+  c = tiny_config.get_config()
+  c.method = method
+  return config_lib.from_config(c)
+
+
+# A method without settings, and one with its own config section.
+METHODS = ["sdlora", "inflora"]
 
 
 def _leaves(tree, prefix=""):
@@ -89,8 +95,9 @@ def _fp(exp):
   return session.fingerprint(exp, 1993, [1, 0, 2], [2, 1])
 
 
-def test_every_config_field_is_fingerprinted_or_allowed():
-  exp = _tiny_experiment()
+@pytest.mark.parametrize("method", METHODS)
+def test_every_config_field_is_fingerprinted_or_allowed(method):
+  exp = _tiny_experiment(method)
   fields = set(_leaves(config_lib.settings_dict(exp)))
   allowed = set(session.NOT_FINGERPRINTED)
   assert allowed <= fields, allowed - fields            # no stale names
@@ -113,19 +120,23 @@ def _changed(value):
 
 def _get(settings, dotted: str):
   for part in dotted.split("."):
-    settings = getattr(settings, part)
+    settings = (settings[part] if isinstance(settings, dict)
+                else getattr(settings, part))
   return settings
 
 
 def _replace(settings, dotted: str, value):
   head, _, rest = dotted.partition(".")
   if rest:
-    value = _replace(getattr(settings, head), rest, value)
+    value = _replace(_get(settings, head), rest, value)
+  if isinstance(settings, dict):           # Experiment.methods
+    return {**settings, head: value}
   return dataclasses.replace(settings, **{head: value})
 
 
-def test_a_changed_field_is_refused_by_name_unless_allowed():
-  exp = _tiny_experiment()
+@pytest.mark.parametrize("method", METHODS)
+def test_a_changed_field_is_refused_by_name_unless_allowed(method):
+  exp = _tiny_experiment(method)
   saved = _fp(exp)
   for name in _leaves(config_lib.settings_dict(exp)):
     if name == "method":
@@ -147,7 +158,7 @@ def test_a_checkpoint_of_the_old_fingerprint_is_refused():
                             "task_sizes")}
   with pytest.raises(ckpt_lib.ConfigMismatchError, match=re.escape(
       "written by another slora-jax version (settings fingerprint v1, this "
-      "one is v2), so whether this config matches it cannot be checked; use "
+      "one is v3), so whether this config matches it cannot be checked; use "
       "another --workdir, or that version to resume")):
     ckpt_lib.check_fingerprint(old, fp)
 # ------------------------------------------------------------ corruption

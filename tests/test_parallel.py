@@ -6,50 +6,75 @@ import sys
 import textwrap
 
 _SCRIPT = textwrap.dedent("""
+    import dataclasses
     import jax, jax.numpy as jnp, numpy as np
     assert jax.device_count() == 4, jax.devices()
     import slora_jax as sl
-    from slora_jax.runner import parallel, steps
+    from experiments.configs import base
+    from slora_jax.runner import config, methods, parallel, steps
     from slora_jax.models import vit
 
     cfg = vit.ViTConfig(image_size=16, patch_size=4, width=32, depth=2,
                         num_heads=4, mlp_dim=64)
-    model = vit.VisionTransformer(cfg)
-    apply_fn = lambda p, x: model.apply({"params": p}, x)
     backbone = jax.device_get(vit.init_params(cfg, jax.random.key(0)))
     n_cls = 6
-    tx = steps.make_optimizer()
-    step = steps.make_train_step(apply_fn, n_cls, tx)
     rng = np.random.default_rng(0)
     batches = [{"image": rng.random((8, 16, 16, 3), np.float32),
                 "label": rng.integers(2, 4, 8).astype(np.int32),
                 "mask": np.array([1] * 7 + [0], np.float32)} for _ in range(3)]
 
-    def run(mesh):
-      ad = sl.init_adapters(backbone, sl.vit_qv_rules("fused"), capacity=3,
-                            max_rank=4, policy=sl.get_policy("reference"))
-      ad = sl.begin_task(ad, jax.random.key(1), 4)
-      ad, _ = sl.end_task(ad)
-      ad = sl.begin_task(ad, jax.random.key(2), 4)
-      head = sl.init_head(jax.random.key(3), cfg.width, n_cls)
-      opt = tx.init(sl.trainable_params(ad, head))
-      ad, head, opt, bb = parallel.replicate((ad, head, opt, backbone), mesh)
+    def make_run(name):
+      c = base.base()
+      c.method, c.adapter.rank = name, 4
+      c.model.name = "custom"
+      c.model.image_size, c.model.patch_size, c.model.width = 16, 4, 32
+      c.model.depth, c.model.num_heads, c.model.mlp_dim = 2, 4, 64
+      exp = config.from_config(c)
+      return exp.method, methods.base.Run(
+          exp=exp, settings=exp.methods.get(name), seed=3,
+          model=vit.VisionTransformer(cfg), model_config=cfg,
+          backbone_template=backbone, width=cfg.width, num_classes=n_cls,
+          num_phases=3)
+
+    def second_task(method, run):
+      arrays = method.init(run, backbone).arrays
+      if "adapters" in arrays:   # one stored direction, a second begun
+        ad = sl.begin_task(arrays["adapters"], jax.random.key(1), 4)
+        ad, _ = sl.end_task(ad)
+        arrays = {**arrays, "adapters": sl.begin_task(ad, jax.random.key(2), 4)}
+      else:                      # InfLoRA: a designed-like A
+        arrays = {**arrays, "a": jax.tree.map(
+            lambda a: jax.random.normal(jax.random.key(4), a.shape) / 8,
+            arrays["a"])}
+      return arrays
+
+    # Each method at its own scale of rate: Adam's steps are ±lr wherever a
+    # gradient is far above its eps, so InfLoRA runs at its official 5e-4.
+    RATES = {"sdlora": 0.05, "inflora": 5e-4}
+
+    def run(name, mesh):
+      method, r = make_run(name)
+      step = steps.make_train_step(method, r)
+      arrays = second_task(method, r)
+      state = steps.TrainState(arrays, steps.init_opt_state(method, r, arrays))
+      state, bb = parallel.replicate((state, backbone), mesh)
       losses = []
       for b in batches:
-        ad, head, opt, m = step(ad, head, opt, bb, parallel.global_batch(b, mesh),
-                                2, 4, 0.05)
+        state, m = step(state, parallel.global_batch(b, mesh),
+                        steps.task_args(1, 2, 4, RATES[name]), bb)
         losses.append(float(m["loss"]))
-      return jax.device_get((ad.trainable, head)), losses, ad
+      return jax.device_get(method.trainable(state.arrays)), losses, state
 
-    one, l1, _ = run(parallel.make_mesh(jax.devices()[:1]))
-    four, l4, ad4 = run(parallel.make_mesh())
-    assert len(ad4.trainable["current"][next(iter(ad4.trainable["current"]))]["A"]
-               .sharding.device_set) == 4
-    np.testing.assert_allclose(l1, l4, rtol=1e-5, atol=1e-6)
-    for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(four)):
-      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-    assert l1[0] != l1[-1]  # the step really trained
-    print("OK", l1)
+    for name in ("sdlora", "inflora"):
+      one, l1, _ = run(name, parallel.make_mesh(jax.devices()[:1]))
+      four, l4, st4 = run(name, parallel.make_mesh())
+      assert all(len(x.sharding.device_set) == 4
+                 for x in jax.tree.leaves(st4.arrays))
+      np.testing.assert_allclose(l1, l4, rtol=1e-5, atol=1e-6)
+      for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(four)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+      assert l1[0] != l1[-1], name  # the step really trained
+      print("OK", name, l1)
 """)
 
 

@@ -147,6 +147,15 @@ def _train() -> ml_collections.ConfigDict:
   return t
 
 
+def inflora_preset(c, benchmark: str):
+  """InfLoRA's hyper-parameters of its official ViT-B/16 run of
+  ``benchmark`` (`slora_jax.runner.methods.inflora.PRESETS`), read when
+  ``--config.method=inflora`` (or ``all``)."""
+  c.methods.inflora.update(dataclasses.asdict(
+      methods_lib.inflora.PRESETS[benchmark]))
+  return c
+
+
 def constant_lr(c, lr):
   """The logged runs' schedule: one rate, milestones never reached."""
   t = c.train

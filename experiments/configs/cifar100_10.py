@@ -16,4 +16,5 @@ def get_config():
   c.data.init_cls = c.data.increment = 10
   base.constant_lr(c, 0.008)
   c.data.num_tasks = 10
+  base.inflora_preset(c, "cifar100_10")
   return c

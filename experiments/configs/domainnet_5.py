@@ -20,4 +20,5 @@ def get_config():
   c.train.init_milestones = c.train.milestones = (4, 6, 8)
   c.train.init_lr_decay = c.train.lr_decay = 0.005
   c.data.num_tasks = 5
+  base.inflora_preset(c, "domainnet_5")
   return c

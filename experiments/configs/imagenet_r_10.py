@@ -18,4 +18,5 @@ def get_config():
   c.data.init_cls = c.data.increment = 20
   base.constant_lr(c, 0.008)
   c.data.num_tasks = 10
+  base.inflora_preset(c, "imagenet_r_10")
   return c

@@ -16,4 +16,5 @@ def get_config():
   c.data.init_cls = c.data.increment = 10
   base.constant_lr(c, 0.01)
   c.data.num_tasks = 20
+  base.inflora_preset(c, "imagenet_r_20")
   return c

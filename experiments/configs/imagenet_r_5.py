@@ -12,4 +12,5 @@ def get_config():
   c.data.init_cls = c.data.increment = 40
   base.constant_lr(c, 0.01)
   c.data.num_tasks = 5
+  base.inflora_preset(c, "imagenet_r_5")
   return c

@@ -123,8 +123,10 @@ NOT_FINGERPRINTED = {
     "log.wandb_mode": "where metrics are written",
 }
 
+# 3: the train-state checkpoint of the method plug-ins (arrays, optimiser
+# state, host state) and the running method's methods.<name> section;
 # 2: every field not in NOT_FINGERPRINTED (1: a few fields of each section).
-FINGERPRINT_VERSION = 2
+FINGERPRINT_VERSION = 3
 
 
 def _drop(tree: dict, dotted: str) -> None:
