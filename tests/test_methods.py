@@ -106,3 +106,20 @@ def test_rank_reduction_follows_the_schedule():
   assert [exp.rank(t) for t in (0, 3, 4, 7, 8, 19)] == [10, 10, 8, 8, 6, 6]
   c.method = "sdlora"
   assert config_lib.from_config(c).rank(19) == 10
+
+
+LOOP_MODULES = ("train", "steps", "session", "config", "report", "evaluators",
+                "dry_run", "sweep")
+
+
+def test_the_loop_names_no_method():
+  """A method is a plug-in: the loop's modules never compare or special-case
+  a method by name (docstrings included)."""
+  import os
+  import re
+  root = os.path.dirname(methods.__file__)
+  for module in LOOP_MODULES:
+    with open(os.path.join(os.path.dirname(root), module + ".py")) as f:
+      text = f.read()
+    for name in methods.METHODS:
+      assert not re.search(rf"\b{name}\b", text), (module, name)

@@ -160,3 +160,38 @@ def test_cli_demo_shortened(tmp_path, cache_dir):
   assert res["summary"]["num_tasks"] == 5
   src = "renditions" if os.path.isdir(FMNIST) else "synthetic"
   assert res["config"]["data"]["source"] == src
+
+
+def test_inflora_runs_and_resumes_to_identical_numbers(tmp_path, cache_dir):
+  """The plug-in through the runner: a stop in task 3 (two memory updates in
+  the host state) resumes from its checkpoint to the uninterrupted numbers."""
+  c = small_config(cache_dir, method="inflora")
+  full = run_seed(c, 1993, str(tmp_path / "full"))
+  assert full["method"] == "inflora" and full["summary"]["num_tasks"] == 5
+  assert [len(p["memory_dims"]) for p in full["per_task"]] == [2] * 5
+  assert all(0 < d < 32 for p in full["per_task"] for d in p["memory_dims"])
+  with pytest.raises(SystemExit, match="stopped"):
+    run_seed(small_config(cache_dir, method="inflora", stop_after_steps=9),
+             1993, str(tmp_path / "stopped"))
+  meta = ckpt_lib.Checkpointer(str(tmp_path / "stopped")).read_meta()
+  assert meta["cursor"] == {"task": 2, "step": 2, "begun": True}
+  resumed = run_seed(c, 1993, str(tmp_path / "stopped"))
+  assert resumed["acc_matrix"] == full["acc_matrix"]
+  assert resumed["acc_matrix_task_il"] == full["acc_matrix_task_il"]
+  assert ([p["memory_dims"] for p in resumed["per_task"]] ==
+          [p["memory_dims"] for p in full["per_task"]])
+
+
+def test_simplecil_trains_nothing_and_scores_every_task(tmp_path, cache_dir):
+  res = run_seed(small_config(cache_dir, method="simplecil"), 1993,
+                 str(tmp_path))
+  assert res["method"] == "simplecil"
+  assert all(p["steps"] == 0 for p in res["per_task"])
+  # A task's prototypes never change after it, and task-IL compares them
+  # only with each other: each task-IL column is constant from its task on.
+  R_til = np.array(res["acc_matrix_task_il"], dtype=float)
+  for k in range(5):
+    assert np.all(R_til[k:, k] == R_til[k, k]), R_til
+  assert res["summary"]["forgetting_task_il"] == 0.0
+  assert res["acc_matrix"][0][0] == R_til[0, 0]     # one task: the same
+  assert res["summary"]["acc_task_il"] >= res["summary"]["acc"]

@@ -26,6 +26,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import scipy.linalg
 
 from slora_jax import adapters as adapters_lib
 from slora_jax import policy as policy_lib
@@ -193,7 +194,13 @@ def update_memory(memory: Sequence[Memory | None], covs: Sequence[Any],
 
 
 def _svd(m, full=False):
-  return np.linalg.svd(m, full_matrices=full)
+  """NumPy's SVD (LAPACK gesdd, as the official code), and where gesdd
+  reports no convergence, which it does on some covariance residuals (met
+  on the demo's task 2), SciPy's gesvd of the same matrix."""
+  try:
+    return np.linalg.svd(m, full_matrices=full)
+  except np.linalg.LinAlgError:
+    return scipy.linalg.svd(m, full_matrices=full, lapack_driver="gesvd")
 
 
 def _first_memory(cov, thresh, dual):

@@ -12,7 +12,7 @@ from slora_jax.runner import results as results_lib
 __all__ = ["payload", "session_line", "task_line", "final_lines"]
 
 _PER_TASK = ("task", "wall_time_s", "train_images_per_s", "steps",
-             "eval_time_s", "alpha_current", "kd_absorbed")
+             "eval_time_s")
 
 
 def payload(session, done: Sequence[dict], method_fields: dict) -> dict:
@@ -25,7 +25,9 @@ def payload(session, done: Sequence[dict], method_fields: dict) -> dict:
   rows = [d["top1_per_task"] for d in done]
   rows5 = [d["top5_per_task"] for d in done] if all(
       d.get("top5_per_task") is not None for d in done) else None
-  per_task = [{k: d[k] for k in _PER_TASK if k in d} for d in done]
+  # The loop's fields and the method's own (`Method.record`, `after_task`).
+  per_task = [{**{k: d[k] for k in _PER_TASK if k in d},
+               **d.get("method_fields", {})} for d in done]
   task_sizes, extra = data.task_sizes, {}
   # Records of a run resumed from an older version may lack task-IL.
   til = bool(done) and all("task_il_top1_per_task" in d for d in done)

@@ -12,7 +12,7 @@ JSON has no NaN/Infinity: undefined numbers are ``null``.
   seed             int
   class_order      list[int]; position p = new label p, value = dataset label
   task_sizes       list[int], classes per task
-  method           "sdlora" | "sdlora_rr" | "sdlora_kd" (or another name)
+  method           the config's method (a key of runner/methods' registry)
   semantics        Policy preset name ("reference" | "paper"), or a dict of the
                    Policy's fields that includes "name"
   acc_matrix       T×T list, row t = top-1 per task after training task t,

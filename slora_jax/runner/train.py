@@ -397,7 +397,7 @@ def evaluate_task(s: Session, prog: Progress, t: int, timing: dict) -> dict:
       **timing, "eval_time_s": time.perf_counter() - te,
       "train_images_per_s": timing["steps"] * s.exp.train.batch_size /
                             max(timing["wall_time_s"], 1e-9),
-      **s.method.record(_method_state(prog)),
+      "method_fields": s.method.record(_method_state(prog)),
   }
   print(report.task_line(record, s.num_phases), flush=True)
   if s.writer:
@@ -414,8 +414,10 @@ def finish_task(s: Session, prog: Progress, record: dict) -> Progress:
                                   s.backbone)
   state = parallel.replicate(
       steps_lib.TrainState(ms.arrays, prog.state.opt_state), s.mesh)
+  record = {**record, "method_fields": {**record.get("method_fields", {}),
+                                        **extra}}
   prog = dataclasses.replace(prog, state=state, host=ms.host,
-                             done=prog.done + ({**record, **extra},))
+                             done=prog.done + (record,))
   if jax.process_index() == 0:   # one writer; all processes hold the same
     results_lib.write_results(s.workdir, _payload(s, prog))
   faults.point("results_written")

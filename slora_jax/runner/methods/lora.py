@@ -119,8 +119,7 @@ class AdapterMethod(base.Method):
     ad, info = sl.end_task(state.arrays["adapters"],
                            knowledge_distillation=self.knowledge_distillation)
     state = dataclasses.replace(state, arrays={**state.arrays, "adapters": ad})
-    return state, {"kd_absorbed": bool(info["absorbed"]),
-                   "kd_residual": float(info["residual"])}
+    return state, {"kd_absorbed": bool(info["absorbed"])}
 
   # --- evaluation and reports -------------------------------------------------
   def eval_arrays(self, run, arrays, backbone):

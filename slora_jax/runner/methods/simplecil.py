@@ -1,6 +1,6 @@
 """SimpleCIL (Zhou et al., 2023) as a method plug-in.
 
-No training: after each task the new classes' prototypes are the means of
+No training: at each task the new classes' prototypes are the means of
 the frozen backbone's features over the task's training images (evaluation
 transforms), and the logits are cosine similarities (docs/methods.md).
 """
@@ -48,8 +48,9 @@ class SimpleCIL(base.Method):
     del run, lr
     return optax.identity()
 
-  def after_task(self, run, state, task, backbone):
-    """The new classes' prototypes from the task's plain training images."""
+  def before_task(self, run, state, task, backbone):
+    """The new classes' prototypes from the task's plain training images
+    (there is no training, so the task's evaluation sees them)."""
     if id(run.model) not in self._compiled:
       def sums(params, batch):
         return simplecil.class_sums(run.features(params, batch["image"]),
@@ -62,7 +63,7 @@ class SimpleCIL(base.Method):
       total = simplecil.add_class_sums(total, sums(backbone, batch))
     new = head_lib.class_mask(task.lo, task.hi, run.num_classes)
     protos = simplecil.set_prototypes(state.arrays["protos"], total, new)
-    return dataclasses.replace(state, arrays={"protos": protos}), {}
+    return dataclasses.replace(state, arrays={"protos": protos})
 
   def eval_arrays(self, run, arrays, backbone):
     del run
