@@ -207,6 +207,7 @@ class InfLoRA:
   def __init__(self, w: Workload):
     self.w = w
     self.method = inflora_method.InfLoRA()
+    # The plug-in reads its own settings (its defaults at --rank), not exp.
     self.run = dataclasses.replace(
         w.run, settings=inflora_method.InfLoRASettings(rank=w.settings.rank))
     self.step = steps.make_train_step(self.method, self.run)
