@@ -72,6 +72,12 @@ def test_table_has_every_row(result):
       "step(t=0) / plain LoRA step (capacity 8)",
       "merged eval (t=5) / plain ViT eval",
       "JPEG pipeline / train step images/s",
+      "InfLoRA train step, t=0 (rank 10)",
+      "InfLoRA train step, t=5 (rank 10)",
+      "InfLoRA train step compilations, t=0 and t=5",
+      "InfLoRA step / SD-LoRA step (t=0)",
+      "InfLoRA step / SD-LoRA step (t=5)",
+      "FLOPs per InfLoRA train step (XLA cost analysis)",
   ]
   missing = [name for name in expected if name not in rows]
   assert not missing, missing
@@ -114,6 +120,24 @@ def test_program_does_not_grow_with_tasks(result):
   assert rows["train step inputs donated"]["value"] is True
 
 
+def test_inflora_step_against_sd_loras(result):
+  # InfLoRA's step after t tasks: one program for every t (its updates are
+  # merged into the kernels), timed beside SD-LoRA's at the same t.
+  rows = result["by_name"]
+  programs = rows["InfLoRA train step compilations, t=0 and t=5"]
+  assert programs["value"] == 1 and programs["verdict"] == "PASS"
+  for t in (0, 5):
+    inf = rows[f"InfLoRA train step, t={t} (rank 10)"]["value"]
+    sd = rows[f"train step, t={t} (capacity 100)"]["value"]
+    r = rows[f"InfLoRA step / SD-LoRA step (t={t})"]
+    assert inf > 0 and r["unit"] == "x" and r["verdict"] == ""
+    assert r["value"] == pytest.approx(inf / sd, rel=1e-6)
+  # Its B gradient goes through the whole qkv kernel's gradient (weight
+  # form): more than the plain LoRA step's products on the activations.
+  assert (rows["FLOPs per InfLoRA train step (XLA cost analysis)"]["value"] >
+          rows["FLOPs per plain LoRA step (XLA cost analysis)"]["value"])
+
+
 def test_not_applicable_targets_say_so(result):
   rows = result["by_name"]
   # No t=19/99 timed, and not ViT-S/16.
@@ -153,3 +177,40 @@ def test_a_rank_schedule_compiles_the_train_step_once():
                         tasks=(0, 2), sim_tasks=3, run_capacity=4)
   sd = workload.SDLoRA(workload.Workload(s))
   assert compile_checks.rank_schedule_compilations(sd) == 1
+
+
+def test_adapter_form_weight_is_the_same_step_on_the_kernels():
+  """--adapter_form=weight reaches the plug-in's loss (no stored-direction
+  loops: every slot merged into the kernels) and gives the activation
+  form's step up to rounding."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from experiments.benchmark import (  # pylint: disable=import-outside-toplevel
+      compile_checks, settings, workload)
+  out = {}
+  for form in ("activation", "weight"):
+    s = settings.Settings(model="vit_ti16", image_size=16, patch_size=8,
+                          depth=1, batch=2, num_classes=6, rank=4, capacity=4,
+                          tasks=(0, 2), sim_tasks=3, run_capacity=4,
+                          adapter_form=form)
+    w = workload.Workload(s)
+    sd = workload.SDLoRA(w)
+    ad = sd.ops.randomize(sd.ops.begin(sd.stored_states((1,))[1],
+                                       jax.random.key(1)), jax.random.key(2))
+    state = sd.train_state(ad, workload.fresh_copy(w.head0))
+    before = jax.tree.map(np.asarray, state.arrays)
+    args = (state, w.batch_for(0), w.task(0), w.backbone)
+    _, prims = compile_checks.jaxpr_stats(jax.make_jaxpr(sd.step)(*args))
+    new, metrics = sd.step(*args)
+    update = jax.tree.map(lambda a, b: np.asarray(a) - b, new.arrays, before)
+    out[form] = (float(metrics["loss"]), update, prims)
+  (loss_a, upd_a, prims_a), (loss_w, upd_w, prims_w) = out.values()
+  assert "while" in prims_a and "while" not in prims_w
+  # The forwards merge the same ΔW into the kernels; the gradients sum over
+  # the batch's tokens and the width in different orders.
+  eps = np.finfo(np.float32).eps
+  n = 2 * w.cfg.seq_len + w.cfg.width
+  assert loss_w == pytest.approx(loss_a, rel=n * eps)
+  for a, b in zip(jax.tree.leaves(upd_a), jax.tree.leaves(upd_w)):
+    np.testing.assert_allclose(b, a, rtol=0,
+                               atol=n * eps * float(np.max(np.abs(a))))

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import optax
 
 from slora_jax import head as head_lib
+from slora_jax import optim
 from slora_jax.runner import steps
 
 
@@ -19,14 +20,19 @@ def make_plain_lora_step(model, cfg, num_classes: int, momentum: float = 0.9):
   q and v of every block get ``x·W0 + (x Aᵀ) Bᵀ`` (A ``(r, d)``, B ``(d, r)``)
   on the activations, through Flax method interception; no magnitudes, no
   earlier directions. Loss (cross-entropy over the classes ``[lo, hi)``,
-  masked mean over the batch), head and optimiser (`steps.make_optimizer`:
-  SGD, momentum 0.9, the rate set at every step) are those of the SD-LoRA
-  step. Returns ``(init(rng, rank), optimiser, jitted step)``.
+  masked mean over the batch), head and optimiser (`slora_jax.optim.optimizer`:
+  SGD, momentum 0.9, built at the step's traced rate) are those of the
+  SD-LoRA step, and so is the signature: ``step(state, batch, task,
+  backbone) -> (state, metrics)`` with a `steps.TrainState` whose arrays are
+  ``{'lora', 'head'}`` and ``task`` from `steps.task_args`. Returns
+  ``(init(rng, rank, head) -> state, jitted step)``.
   """
   d = cfg.width
-  tx = steps.make_optimizer(momentum=momentum)
 
-  def init(rng, rank):
+  def tx(lr):
+    return optim.optimizer(lr, momentum=momentum)
+
+  def init(rng, rank, head):
     keys = jax.random.split(rng, 2 * cfg.depth)
     lora, bound = {}, 1.0 / math.sqrt(d)
     for i in range(cfg.depth):
@@ -35,7 +41,8 @@ def make_plain_lora_step(model, cfg, num_classes: int, momentum: float = 0.9):
                                          jnp.float32, -bound, bound),
                  "B": jnp.zeros((d, rank), jnp.float32)}
           for j, part in enumerate(("q", "v"))}
-    return lora
+    tree = {"lora": lora, "head": head}
+    return steps.TrainState(tree, tx(jnp.zeros((), jnp.float32)).init(tree))
 
   def lora_interceptor(lora):
     # The adapted map as a LoRA user would write it on the activations:
@@ -52,8 +59,8 @@ def make_plain_lora_step(model, cfg, num_classes: int, momentum: float = 0.9):
                               y[..., 2 * d:] + dv], axis=-1)
     return intercept
 
-  def plain_lora_step(lora, head, opt_state, backbone, batch, lo, hi, lr):
-    keep = head_lib.class_mask(lo, hi, num_classes)
+  def plain_lora_step(state, batch, task, backbone):
+    keep = head_lib.class_mask(task["lo"], task["hi"], num_classes)
     mask = batch["mask"].astype(jnp.float32)
 
     def loss_fn(tree):
@@ -65,11 +72,10 @@ def make_plain_lora_step(model, cfg, num_classes: int, momentum: float = 0.9):
                                                            batch["label"])
       return jnp.sum(ce * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
-    tree = {"lora": lora, "head": head}
+    tree = state.arrays
     loss, grads = jax.value_and_grad(loss_fn)(tree)
-    opt_state.hyperparams["learning_rate"] = jnp.asarray(lr, jnp.float32)
-    updates, opt_state = tx.update(grads, opt_state, tree)
-    tree = optax.apply_updates(tree, updates)
-    return tree["lora"], tree["head"], opt_state, {"loss": loss}
+    updates, opt_state = tx(task["lr"]).update(grads, state.opt_state, tree)
+    return (steps.TrainState(optax.apply_updates(tree, updates), opt_state),
+            {"loss": loss})
 
-  return init, tx, jax.jit(plain_lora_step, donate_argnums=(0, 1, 2))
+  return init, jax.jit(plain_lora_step, donate_argnums=(0,))

@@ -124,10 +124,9 @@ def rank_schedule_compilations(sd, ranks: tuple[int, ...] | None = None) -> int:
   with CompileCounter() as counter:
     for task, rank in enumerate(ranks):
       adapters = sl.begin_task(adapters, jax.random.key(200 + task), rank)
-      opt_state = sd.opt_init(sl.trainable_params(adapters, head))
-      adapters, head, opt_state, _ = sd.step(
-          adapters, head, opt_state, w.backbone, w.batch_for(task),
-          *w.bounds(task), w.lr)
-      adapters, _ = sl.end_task(adapters)
+      state, _ = sd.step(sd.train_state(adapters, head), w.batch_for(task),
+                         w.task(task), w.backbone)
+      adapters, _ = sl.end_task(state.arrays["adapters"])
+      head = state.arrays["head"]
     jax.block_until_ready(adapters)
   return counter.compiles["step"]

@@ -24,29 +24,31 @@ class EvalTimes:
   programs: int                        # compilations of the forward
 
 
-def time_eval(w: Workload, final: dict[int, tuple], images,
+def time_eval(w: Workload, final: dict[int, dict], images,
               repeats: int) -> EvalTimes:
-  """Times merging and the forwards; ``final`` maps t to a trained state."""
+  """Times merging and the forwards; ``final`` maps t to a trained state's
+  arrays (``adapters``, ``head``)."""
   def eval_forward(params, head, x):
     return sl.apply_head(head, w.apply(params, x))
 
   eval_fwd = jax.jit(eval_forward)
   merge = jax.jit(sl.merge)
   t_lo, t_hi = min(final), max(final)
-  merged = {t: merge(w.backbone, final[t][0]) for t in final}
-  merge_call = timing.Call(merge, w.backbone, final[t_hi][0])
+  merged = {t: merge(w.backbone, final[t]["adapters"]) for t in final}
+  merge_call = timing.Call(merge, w.backbone, final[t_hi]["adapters"])
   for _ in range(repeats):
     merge_call(True)
-  calls = {"plain": timing.Call(eval_fwd, w.backbone, final[t_lo][1], images),
-           **{t: timing.Call(eval_fwd, merged[t], final[t][1], images)
+  calls = {"plain": timing.Call(eval_fwd, w.backbone, final[t_lo]["head"],
+                                images),
+           **{t: timing.Call(eval_fwd, merged[t], final[t]["head"], images)
               for t in merged}}
   # The forwards run one executable on different values, so any difference
   # is noise: a forward costs a third of a step, and twice the step's rounds
   # (at least 5) keep a 2% target above the machine's jitter.
   timing.rounds(calls, max(2 * repeats, 5), warmup=["plain"])
   programs = eval_fwd._cache_size()
-  flops = flops_lib.xla_flops(eval_fwd.lower(w.backbone, final[t_lo][1],
-                                             images).compile())
+  flops = flops_lib.xla_flops(eval_fwd.lower(
+      w.backbone, final[t_lo]["head"], images).compile())
   return EvalTimes(plain=timing.median(calls["plain"].times),
                    merged={t: timing.median(calls[t].times) for t in merged},
                    merge=timing.median(merge_call.times), flops=flops,

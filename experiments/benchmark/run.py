@@ -48,15 +48,16 @@ def run(s: Settings) -> dict:
 
   t_lo, t_hi = s.tasks[0], s.tasks[-1]
   batch = w.batch_for(0)
-  rest = (w.backbone, batch, *w.bounds(0), w.lr)
+  rest = (batch, w.task(0), w.backbone)
   # The step's program does not depend on t.
-  compile_checks.program_rows(table, sd.step, (*sd.ready(built[t_lo]), *rest),
-                              (*sd.ready(built[t_hi]), *rest), t_lo, t_hi)
+  compile_checks.program_rows(table, sd.step, (sd.ready(built[t_lo]), *rest),
+                              (sd.ready(built[t_hi]), *rest), t_lo, t_hi)
   phases.mark("jaxpr")
 
   times = train_steps.time_steps(sd, built, rest)
   phases.mark("timed steps")
   train_steps.step_rows(table, s, times, sim_compiles, sd.step._cache_size())
+  train_steps.inflora_rows(table, s, times)
   compiled = times.chains[t_lo].compiled()
   if s.profile:
     profile.profile_rows(table, times.chains[t_lo], compiled, t_lo, s.profile)
@@ -67,7 +68,7 @@ def run(s: Settings) -> dict:
                         times.lora_chain.compiled(), times.step)
   phases.mark("flops")
 
-  final = {t: times.chains[t].state for t in (t_lo, t_hi)}
+  final = {t: times.chains[t].state.arrays for t in (t_lo, t_hi)}
   ev = evaluation.time_eval(w, final, batch["image"], s.repeats)
   evaluation.eval_rows(table, ev, peak["XLA"])
   phases.mark("eval")

@@ -57,9 +57,10 @@ class Settings:
   torch_demo: bool = _option(True, "With --torch, also compare at the demo "
                              "config's model and batch sizes.")
   adapter_form: str = _option(
-      "activation", "How the SD-LoRA train step applies adapters "
-      "(slora_jax.runner.steps.make_train_step): on activations (default) or "
-      "on the kernels.", choices=["activation", "weight"])
+      "activation", "How the SD-LoRA train step applies adapters (the "
+      "sdlora plug-in's adapter_form, slora_jax/runner/methods/lora.py): on "
+      "activations (default) or on the kernels.",
+      choices=["activation", "weight"])
   profile: int = _option(
       0, "Also profile the t=min(--tasks) train step (jax.profiler) and list "
       "this many op groups by time (HLO op names, blocks merged).")

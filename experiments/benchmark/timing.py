@@ -19,7 +19,8 @@ def median(xs):
 
 
 class Chain:
-  """Repeated calls of a donating step on its own state; times each call."""
+  """Repeated calls of a donating ``step(state, *rest) -> (state, metrics)``
+  on its own state; times each call."""
 
   def __init__(self, step, state, rest):
     self.step, self.state, self.rest = step, state, rest
@@ -27,18 +28,18 @@ class Chain:
 
   def __call__(self, record: bool):
     t0 = time.perf_counter()
-    out = self.step(*self.state, *self.rest)
+    out = self.step(self.state, *self.rest)
     t1 = time.perf_counter()
     jax.block_until_ready(out)
     t2 = time.perf_counter()
-    self.state = out[:3]
+    self.state = out[0]
     if record:
       self.dispatch.append(t1 - t0)
       self.times.append(t2 - t0)
 
   def compiled(self):
     """The step compiled for this chain's arguments (a cache hit once run)."""
-    return self.step.lower(*self.state, *self.rest).compile()
+    return self.step.lower(self.state, *self.rest).compile()
 
 
 class Call:

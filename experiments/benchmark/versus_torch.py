@@ -113,7 +113,7 @@ def our_side(case: Case) -> tuple[dict[str, Callable[[], float]], float]:
   w = Workload(case.settings, cfg=case.cfg)
   sd = SDLoRA(w)
   built = sd.stored_states(case.tasks)
-  rest = (w.backbone, w.batch_for(0), *w.bounds(0), w.lr)
+  rest = (w.batch_for(0), w.task(0), w.backbone)
   chains = {t: timing.Chain(sd.step, sd.ready(built[t]), rest)
             for t in case.tasks}
   built.clear()
@@ -125,7 +125,8 @@ def our_side(case: Case) -> tuple[dict[str, Callable[[], float]], float]:
   calls["plain"] = lambda: _seconds(plain)
   t_hi = case.tasks[-1]
   if t_hi:
-    merged = jax.jit(sl.merge)(w.backbone, chains[t_hi].state[0])
+    merged = jax.jit(sl.merge)(w.backbone,
+                               chains[t_hi].state.arrays["adapters"])
     merged_call = timing.Call(fwd, merged, w.head0, images)
     calls[f"eval t={t_hi}"] = lambda: _seconds(merged_call)
   for c in calls.values():      # compile and warm up

@@ -6,15 +6,23 @@ at realistic scales, with fixed seeds, so every run times the same values.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 import slora_jax as sl
+from slora_jax.methods import inflora as inflora_lib
 from slora_jax.models import vit
+from slora_jax.runner import config as config_lib
+from slora_jax.runner import methods
 from slora_jax.runner import steps
+from slora_jax.runner.methods import base as methods_base
+from slora_jax.runner.methods import inflora as inflora_method
 
 from experiments.benchmark.settings import Settings
+from experiments.configs import base as base_config
 
 
 def random_params(cfg, seed: int = 0) -> dict:
@@ -67,8 +75,21 @@ class TaskOps:
     return self.end(self.randomize(self.begin(adapters, k_begin), k_b))
 
 
+def experiment(s: Settings, cfg: vit.ViTConfig) -> config_lib.Experiment:
+  """The runner's config of an SD-LoRA run of the timed ViT ``cfg`` (the
+  plug-in reads its momentum, rank, capacity and semantics)."""
+  c = base_config.base()
+  c.method = "sdlora"
+  c.model.update(name="custom", init="random", weights="", **{
+      k: getattr(cfg, k) for k in ("image_size", "patch_size", "width",
+                                   "depth", "num_heads", "mlp_dim", "qkv")})
+  c.model.dtype = jnp.dtype(cfg.dtype).name
+  c.adapter.update(rank=s.rank, capacity=s.capacity)
+  return config_lib.from_config(c)
+
+
 class Workload:
-  """The model, backbone, head, optimiser and batches every timed step shares."""
+  """The model, backbone, head, run and batches every timed step shares."""
 
   def __init__(self, s: Settings, cfg: vit.ViTConfig | None = None):
     self.settings = s
@@ -79,7 +100,12 @@ class Workload:
     self._rng = np.random.default_rng(0)
     self._classes_per_task = s.num_classes // s.sim_tasks
     self.lr = np.float32(0.01)
-    self.tx = steps.make_optimizer()
+    self.method = dataclasses.replace(methods.get_method("sdlora"),
+                                      adapter_form=s.adapter_form)
+    self.run = methods_base.Run(
+        exp=experiment(s, self.cfg), settings=None, seed=0, model=self.model,
+        model_config=self.cfg, backbone_template=None, width=self.cfg.width,
+        num_classes=s.num_classes, num_phases=s.sim_tasks)
     self.head0 = sl.init_head(jax.random.key(1), self.cfg.width, s.num_classes)
 
   def apply(self, params, images):
@@ -100,16 +126,17 @@ class Workload:
     return jnp.asarray(self._rng.uniform(0, 1, (n, size, size, 3)),
                        jnp.float32)
 
-  def bounds(self, task: int) -> tuple:
-    """The class range ``[lo, hi)`` of ``task``, as the step takes it."""
-    return (np.int32(task * self._classes_per_task),
-            np.int32((task + 1) * self._classes_per_task))
+  def bounds(self, task: int) -> tuple[int, int]:
+    """The class range ``[lo, hi)`` of ``task``."""
+    return task * self._classes_per_task, (task + 1) * self._classes_per_task
+
+  def task(self, task: int) -> dict:
+    """The step's traced task values (index, class range, rate) of ``task``."""
+    return steps.task_args(task, *self.bounds(task), self.lr)
 
   def make_step(self):
     """A new jitted SD-LoRA train step (`slora_jax.runner.steps`)."""
-    return steps.make_train_step(self.apply, self.settings.num_classes,
-                                 self.tx,
-                                 adapter_form=self.settings.adapter_form)
+    return steps.make_train_step(self.method, self.run)
 
   def init_adapters(self, capacity: int):
     return sl.init_adapters(self.backbone, self.rules, capacity=capacity,
@@ -124,8 +151,14 @@ class SDLoRA:
     self.step = w.make_step()
     self.template = w.init_adapters(w.settings.capacity)
     self.ops = TaskOps(w.settings.rank)
-    self.opt_init = jax.jit(w.tx.init)
+    self.opt_init = jax.jit(
+        lambda arrays: steps.init_opt_state(w.method, w.run, arrays))
     self._key = jax.random.key(7)
+
+  def train_state(self, adapters, head) -> steps.TrainState:
+    """The step's state: the plug-in's arrays and a fresh optimiser state."""
+    arrays = {"adapters": adapters, "head": head}
+    return steps.TrainState(arrays, self.opt_init(arrays))
 
   def simulate(self, num_tasks: int):
     """A run of begin_task / one step / end_task per task; the final adapters."""
@@ -135,11 +168,10 @@ class SDLoRA:
     head = fresh_copy(w.head0)
     for task in range(num_tasks):
       adapters = self.ops.begin(adapters, jax.random.key(100 + task))
-      opt_state = self.opt_init(sl.trainable_params(adapters, head))
-      adapters, head, opt_state, _ = self.step(
-          adapters, head, opt_state, w.backbone, w.batch_for(task),
-          *w.bounds(task), w.lr)
-      adapters = self.ops.end(adapters)
+      state, _ = self.step(self.train_state(adapters, head), w.batch_for(task),
+                           w.task(task), w.backbone)
+      adapters = self.ops.end(state.arrays["adapters"])
+      head = state.arrays["head"]
     return jax.block_until_ready(adapters)
 
   def stored_states(self, tasks) -> dict:
@@ -151,12 +183,66 @@ class SDLoRA:
       t_done, built[t] = t, state
     return built
 
-  def ready(self, stored) -> tuple:
-    """``(adapters, head, opt_state)`` for a task begun after ``stored``.
+  def ready(self, stored) -> steps.TrainState:
+    """The step's state for a task begun after ``stored``.
 
     Fresh buffers throughout, since the step donates (deletes) its inputs.
     """
     ad = self.ops.begin(stored, self._key)
     ad = ad.replace(frozen=fresh_copy(ad.frozen))
-    head = fresh_copy(self.w.head0)
-    return ad, head, self.opt_init(sl.trainable_params(ad, head))
+    return self.train_state(ad, fresh_copy(self.w.head0))
+
+
+class InfLoRA:
+  """InfLoRA's train step (the runner's, over its plug-in) at the same model,
+  rank and batch, and its states after t tasks.
+
+  After a task InfLoRA merges ``B·A`` into the kernels, so its state after t
+  tasks is the backbone with t rank-r updates merged (random ones here, B as
+  `TaskOps.randomize` draws it, A with orthonormal rows over √3 as designed),
+  whose shapes do not depend on t; the current task's A is then designed by
+  the plug-in's `before_task` from one batch's inputs.
+  """
+
+  def __init__(self, w: Workload):
+    self.w = w
+    self.method = inflora_method.InfLoRA()
+    # The plug-in reads its own settings (its defaults at --rank), not exp.
+    self.run = dataclasses.replace(
+        w.run, settings=inflora_method.InfLoRASettings(rank=w.settings.rank))
+    self.step = steps.make_train_step(self.method, self.run)
+    self.targets = inflora_lib.find_targets(w.backbone)
+    self._merge = jax.jit(self._merge_random)
+
+  def _merge_random(self, params, key):
+    r = self.w.settings.rank
+    a, b = {}, {}
+    for k, t in zip(jax.random.split(key, len(self.targets)), self.targets):
+      k_a, k_b = jax.random.split(k)
+      if t.path not in a:     # one A per layer, shared by its targets
+        q, _ = jnp.linalg.qr(jax.random.normal(k_a, (t.d_in, r)))
+        a[t.path] = q.T / jnp.sqrt(3.0)
+      b[t.name] = 0.02 * jax.random.normal(k_b, (t.d_out, r))
+    return inflora_lib.apply_lora(params, self.targets, a, b)
+
+  def merged_states(self, tasks) -> dict:
+    """``{t: the plug-in's initial state with t random updates merged}``."""
+    state = self.method.init(self.run, self.w.backbone)
+    built, params, t_done = {}, state.arrays["params"], 0
+    for t in tasks:
+      for i in range(t_done, t):
+        params = self._merge(params, jax.random.key(20_000 + i))
+      t_done = t
+      built[t] = dataclasses.replace(
+          state, arrays={**state.arrays, "params": params})
+    return built
+
+  def ready(self, merged: methods_base.MethodState) -> steps.TrainState:
+    """The step's state for the task after ``merged`` (A designed)."""
+    w, batch = self.w, self.w.batch_for(0)
+    task = methods_base.Task(0, *w.bounds(0), 1, 1, lambda: iter([batch]),
+                             lambda: iter([batch]))
+    ms = self.method.before_task(self.run, merged, task, w.backbone)
+    arrays = fresh_copy(ms.arrays)
+    return steps.TrainState(
+        arrays, steps.init_opt_state(self.method, self.run, arrays))

@@ -4,7 +4,8 @@ One class, `AdapterMethod`, covers them all; its fields say what the task
 loop does differently, so no code compares method names:
 ``direction_per_task`` (`begin_task`/`end_task` at every task, or one pair
 carried on), ``trains_magnitudes``, ``knowledge_distillation``,
-``rank_reduction``, ``single_phase``, ``trains_adapters``. The state's arrays
+``rank_reduction``, ``single_phase``, ``trains_adapters``; ``adapter_form``
+says how the loss applies the adapters. The state's arrays
 are ``{'adapters': AdapterState, 'head': head}``; the backbone stays frozen
 and evaluation merges the adapters into it (`slora_jax.merge`).
 """
@@ -36,6 +37,15 @@ class AdapterMethod(base.Method):
   rank_reduction: bool = False
   single_phase: bool = False
   trains_adapters: bool = True
+  # 'activation' (`slora_jax.apply_with_adapters`: no adapted-kernel
+  # gradients, the faster) or 'weight' (`slora_jax.apply_adapters` on the
+  # kernels; any model). The same function and gradients.
+  adapter_form: str = "activation"
+
+  def __post_init__(self):
+    if self.adapter_form not in ("activation", "weight"):
+      raise ValueError("adapter_form must be 'activation' or 'weight', got "
+                       f"{self.adapter_form!r}")
 
   # --- config -------------------------------------------------------------
   def policy_overrides(self) -> dict:
@@ -104,10 +114,14 @@ class AdapterMethod(base.Method):
 
   def loss(self, run, arrays, backbone, batch, task):
     """Cross-entropy over the task's classes ``[lo, hi)`` (the reference's
-    ``logits[:, known:]``), adapters on the activations (docs/semantics.md
-    §4)."""
-    feats = activation.apply_with_adapters(run.features, backbone,
-                                           arrays["adapters"], batch["image"])
+    ``logits[:, known:]``, docs/semantics.md §4); adapters on the
+    activations or on the kernels (``adapter_form``)."""
+    ad = arrays["adapters"]
+    if self.adapter_form == "weight":
+      feats = run.features(sl.apply_adapters(backbone, ad), batch["image"])
+    else:
+      feats = activation.apply_with_adapters(run.features, backbone, ad,
+                                             batch["image"])
     logits = sl.apply_head(arrays["head"], feats)
     return base.masked_cross_entropy(logits, batch, task["lo"], task["hi"])
 
