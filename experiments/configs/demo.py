@@ -69,4 +69,8 @@ def get_config():
   c.train.epochs = 5
   base.constant_lr(c, 0.05)
   c.checkpoint.every_steps = 50
+  # InfLoRA (--config.method=inflora or all): its official optimiser (Adam,
+  # lr 5e-4, the per-epoch cosine) at the demo's rank and epochs.
+  c.methods.inflora.rank = c.adapter.rank
+  c.methods.inflora.epochs = c.train.epochs
   return c
