@@ -244,18 +244,18 @@ def run(paths: Sequence[str], json_out: Optional[str] = None,
   stream = stream or sys.stdout
   err = err or sys.stderr
   if not paths:
-    print("compare: error: give at least one results.json", file=err)
+    print("error: give at least one results.json", file=err)
     return 2
   try:
     runs = [(p, load_results(p)) for p in paths]
   except ResultsError as e:
-    print(f"compare: error: {e}", file=err)
+    print(f"error: {e}", file=err)
     return 2
   for path, res in runs:
     part = partial(res)
     if part and not allow_partial:
       done, planned = part.split("/")
-      print(f"compare: error: {path}: unfinished run ({done} of {planned} "
+      print(f"error: {path}: unfinished run ({done} of {planned} "
             "tasks evaluated), its numbers are not final; rerun its command "
             "to finish it, or pass --allow_partial to list it apart",
             file=err)
@@ -263,7 +263,7 @@ def run(paths: Sequence[str], json_out: Optional[str] = None,
   try:
     groups = compare_runs(runs, mixed_data)
   except MixedDataError as e:
-    print(f"compare: error: {e}", file=err)
+    print(f"error: {e}", file=err)
     return 2
   print(format_comparison(groups), file=stream)
   if json_out:

@@ -6,15 +6,21 @@ and the whole against the weight form on ViTs with fused and split qkv, both
 semantics, KD offsets and a smaller current rank (SD-LoRA-RR).
 """
 
+import dataclasses
+import types
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
 import numpy as np
 import pytest
 
 import slora_jax as sl
 from slora_jax import activation
+from slora_jax.runner import methods
 from slora_jax.runner import steps as steps_lib
+from slora_jax.runner.methods import base
 from slora_jax.models import vit
 
 
@@ -146,27 +152,35 @@ class _TwoDense(nn.Module):
 
 
 def test_train_step_forms_agree():
+  """The runner's step over SD-LoRA in either adapter form, on a model that
+  is not a ViT."""
   model = _TwoDense()
   params = model.init(jax.random.key(0), jnp.ones((1, 5)))["params"]
   rules = [sl.kernel(r"hidden/kernel"), sl.kernel(r"out/kernel")]
   ad = _trained_state(params, rules, sl.reference(), stored=2, rank=2,
                       max_rank=2, capacity=4)
-  apply_fn = lambda p, x: model.apply({"params": p}, x)
-  tx = steps_lib.make_optimizer()
+  exp = types.SimpleNamespace(train=types.SimpleNamespace(momentum=0.9))
+  run = base.Run(exp=exp, settings=None, seed=0, model=model,
+                 model_config=None, backbone_template=params, width=3,
+                 num_classes=4, num_phases=4)
   head = sl.init_head(jax.random.key(1), 3, 4)
   batch = {"image": jax.random.normal(jax.random.key(2), (6, 5)),
            "label": jnp.array([0, 1, 2, 3, 0, 1]), "mask": jnp.ones((6,))}
   outs = {}
   for form in ("weight", "activation"):
-    step = steps_lib.make_train_step(apply_fn, 4, tx, adapter_form=form)
-    state = jax.tree.map(jnp.copy, (ad, head))
-    opt = tx.init(sl.trainable_params(*state))
-    outs[form] = step(*state, opt, params, batch, 0, 4, 0.1)
-  w, a = outs["weight"], outs["activation"]
-  assert float(w[3]["loss"]) == pytest.approx(float(a[3]["loss"]), rel=1e-6)
+    method = dataclasses.replace(methods.get_method("sdlora"),
+                                 adapter_form=form)
+    arrays = jax.tree.map(jnp.copy, {"adapters": ad, "head": head})
+    state = steps_lib.TrainState(
+        arrays, steps_lib.init_opt_state(method, run, arrays))
+    outs[form] = steps_lib.make_train_step(method, run)(
+        state, batch, steps_lib.task_args(0, 0, 4, 0.1), params)
+  (w, mw), (a, ma) = outs["weight"], outs["activation"]
+  assert float(mw["loss"]) == pytest.approx(float(ma["loss"]), rel=1e-6)
   jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-5,
                                                        atol=1e-6),
-               (w[0].trainable, w[1]), (a[0].trainable, a[1]))
+               (w.arrays["adapters"].trainable, w.arrays["head"]),
+               (a.arrays["adapters"].trainable, a.arrays["head"]))
 
 
 def test_module_never_called_is_a_clear_error():

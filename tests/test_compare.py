@@ -191,7 +191,7 @@ def test_compare_missing_and_invalid_files(tmp_path):
   missing = tmp_path / "nope" / "results.json"
   assert compare.run([good, str(missing)], stream=io.StringIO(), err=err) == 2
   assert err.getvalue().count("\n") == 1
-  assert err.getvalue().startswith("compare: error: ") and "no such file" in err.getvalue()
+  assert err.getvalue().startswith("error: ") and "no such file" in err.getvalue()
   bad = tmp_path / "bad.json"
   bad.write_text("[1, 2]")
   err = io.StringIO()
@@ -207,7 +207,7 @@ def test_compare_command_line_exit_code(tmp_path):
        str(tmp_path / "missing.json")],
       cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
   assert proc.returncode == 2
-  assert proc.stderr.strip().splitlines()[-1].startswith("compare: error: ")
+  assert proc.stderr.strip().splitlines()[-1].startswith("error: ")
   assert "missing.json: no such file" in proc.stderr
 
 
@@ -259,7 +259,7 @@ def test_compare_refuses_runs_over_different_data(tmp_path):
   out, err = io.StringIO(), io.StringIO()
   assert compare.run(files, stream=out, err=err) == 2
   assert err.getvalue().splitlines() == [
-      "compare: error: the runs of imagenet_r_10/sdlora/reference read "
+      "error: the runs of imagenet_r_10/sdlora/reference read "
       f"different data (data manifests {'a' * 12} (1 run), {'b' * 12} (1 run)); "
       "compare runs over the same data, or pass --mixed_data to average them "
       "anyway"]
@@ -296,7 +296,7 @@ def test_compare_refuses_a_partial_run_in_one_line(tmp_path):
   err = io.StringIO()
   assert compare.run([done, part], stream=io.StringIO(), err=err) == 2
   assert err.getvalue() == (
-      f"compare: error: {part}: unfinished run (2 of 5 tasks evaluated), its "
+      f"error: {part}: unfinished run (2 of 5 tasks evaluated), its "
       "numbers are not final; rerun its command to finish it, or pass "
       "--allow_partial to list it apart\n")
   # A file written before the flag existed is judged by its rows.
@@ -404,7 +404,7 @@ def test_compare_checks_every_field_type(tmp_path, field, value, message):
     assert code == 0, err.getvalue()
     return
   assert code == 2 and err.getvalue().count("\n") == 1, err.getvalue()
-  assert err.getvalue().startswith(f"compare: error: {path}: {message}")
+  assert err.getvalue().startswith(f"error: {path}: {message}")
 
 
 def test_printed_lines_show_task_il_beside_class_il():
