@@ -196,5 +196,4 @@ def test_module_never_called_is_a_clear_error():
 
 def test_bad_step_form_is_rejected():
   with pytest.raises(ValueError, match="adapter_form"):
-    steps_lib.make_train_step(lambda p, x: x, 4, steps_lib.make_optimizer(),
-                              adapter_form="both")
+    dataclasses.replace(methods.get_method("sdlora"), adapter_form="both")

@@ -265,7 +265,7 @@ def test_checkpoint_of_the_old_fingerprint_is_refused(env, tmp_path):
   line = error_line(run_cli(env, workdir))
   assert line == (
       "error: the checkpoint in this workdir was written by another slora-jax "
-      "version (settings fingerprint v1, this one is v2), so whether this "
+      "version (settings fingerprint v1, this one is v3), so whether this "
       "config matches it cannot be checked; use another --workdir, or that "
       "version to resume")
   assert snapshot(workdir) == before

@@ -8,6 +8,7 @@ task).
 """
 
 import dataclasses
+import types
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +16,9 @@ import numpy as np
 
 import slora_jax as sl
 from slora_jax.models import vit
+from slora_jax.runner import methods
 from slora_jax.runner import steps as steps_lib
+from slora_jax.runner.methods import base
 
 CFG = vit.ViTConfig(image_size=16, patch_size=8, width=32, depth=2,
                     num_heads=2, mlp_dim=64)
@@ -35,14 +38,21 @@ def _state(params, capacity=4, rank=2):
 
 
 def _one_step(dtype, params, ad, head, batch):
-  model = vit.VisionTransformer(dataclasses.replace(CFG, dtype=dtype))
-  apply_fn = lambda p, x: model.apply({"params": p}, x)
-  tx = steps_lib.make_optimizer()
-  step = jax.jit(steps_lib.make_train_step(apply_fn, 6, tx))
-  state = jax.tree.map(jnp.copy, (ad, head))
-  opt = tx.init(sl.trainable_params(*state))
-  new_ad, new_head, new_opt, _ = step(*state, opt, params, batch, 0, 6, 0.1)
-  return sl.trainable_params(new_ad, new_head), new_opt
+  """The runner's SD-LoRA step on a ViT computing in ``dtype``."""
+  cfg = dataclasses.replace(CFG, dtype=dtype)
+  exp = types.SimpleNamespace(train=types.SimpleNamespace(momentum=0.9))
+  run = base.Run(exp=exp, settings=None, seed=0,
+                 model=vit.VisionTransformer(cfg), model_config=cfg,
+                 backbone_template=params, width=CFG.width, num_classes=6,
+                 num_phases=3)
+  method = methods.get_method("sdlora")
+  arrays = jax.tree.map(jnp.copy, {"adapters": ad, "head": head})
+  state = steps_lib.TrainState(arrays,
+                               steps_lib.init_opt_state(method, run, arrays))
+  new, _ = steps_lib.make_train_step(method, run)(
+      state, batch, steps_lib.task_args(0, 0, 6, 0.1), params)
+  return (sl.trainable_params(new.arrays["adapters"], new.arrays["head"]),
+          new.opt_state)
 
 
 def test_bf16_step_keeps_float32_state_and_float32_sized_updates():

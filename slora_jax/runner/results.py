@@ -435,7 +435,6 @@ def plot_results(results: dict, path_png) -> str:
   T = R.shape[0]
   sizes = results.get("task_sizes") or []
   col_labels = _column_labels(sizes, T)
-  curves = results["curves"]
 
   side = max(4.0, 0.45 * T + 1.5)
   fig = Figure(figsize=(side + 5.5, max(4.0, side * 0.85)), dpi=110)
@@ -471,6 +470,18 @@ def plot_results(results: dict, path_png) -> str:
   ax_m.set_title("top-1 accuracy (%) per task")
   fig.colorbar(im, ax=ax_m, fraction=0.046, pad=0.04)
 
+  _plot_curves(ax_c, results, T)
+  fig.tight_layout()
+  path_png = os.fspath(path_png)
+  png = io.BytesIO()
+  fig.savefig(png, format="png", bbox_inches="tight")  # rotated labels overhang
+  paths.write_atomic(path_png, png.getvalue())
+  return path_png
+
+
+def _plot_curves(ax_c, results: dict, T: int) -> None:
+  """The right panel: accuracy curves over tasks, titled with the summary."""
+  curves = results["curves"]
   x = np.arange(1, T + 1)
   summary = results["summary"]
   series = [("top1_sample_weighted", "top-1, sample-weighted (Acc)", "o-"),
@@ -493,12 +504,6 @@ def plot_results(results: dict, path_png) -> str:
   bench = (results.get("config") or {}).get("benchmark", "custom")
   ax_c.set_title(f"{bench} {results.get('method', '')} seed {results.get('seed', '?')}\n"
                  f"Acc {summary['acc']:.2f}  AAA {summary['aaa']:.2f}", fontsize=10)
-  fig.tight_layout()
-  path_png = os.fspath(path_png)
-  png = io.BytesIO()
-  fig.savefig(png, format="png", bbox_inches="tight")  # rotated labels overhang
-  paths.write_atomic(path_png, png.getvalue())
-  return path_png
 
 
 def _column_labels(task_sizes: Sequence[int], T: int) -> list[str]:
