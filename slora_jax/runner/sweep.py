@@ -28,7 +28,8 @@ ALL = "all"
 def _header(exp: config_lib.Experiment, config_file: str, workdir: str) -> str:
   seeds = ", ".join(str(s) for s in dry_run.executed(exp).seeds)
   dry = " (dry run)" if exp.dry_run else ""
-  return (f"slora-jax: {exp.method.name} ({exp.semantics} semantics){dry}, "
+  sem = f" ({exp.semantics} semantics)" if exp.method.uses_semantics else ""
+  return (f"slora-jax: {exp.method.name}{sem}{dry}, "
           f"seed(s) {seeds}; config {os.path.relpath(config_file)}\n"  # path-ok: local file
           f"results: {workdir}/seed_<seed>/results.json and results.png; the "
           f"full config: {workdir}/config.json")

@@ -117,7 +117,10 @@ class Method:
       config section), or None.
     single_phase: one training phase over all classes (the joint bound).
     rank_reduction: task ranks follow ``adapter.rank_schedule``.
+    uses_semantics: the config's ``semantics`` (an SD-LoRA `Policy`) changes
+      what it computes.
   """
+  uses_semantics: bool = False
   name: str = ""
   summary: str = ""
   settings: type | None = None

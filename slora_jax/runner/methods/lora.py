@@ -13,6 +13,7 @@ and evaluation merges the adapters into it (`slora_jax.merge`).
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -41,6 +42,7 @@ class AdapterMethod(base.Method):
   # gradients, the faster) or 'weight' (`slora_jax.apply_adapters` on the
   # kernels; any model). The same function and gradients.
   adapter_form: str = "activation"
+  uses_semantics: ClassVar[bool] = True
 
   def __post_init__(self):
     if self.adapter_form not in ("activation", "weight"):
