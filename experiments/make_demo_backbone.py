@@ -17,7 +17,6 @@ the file's sha256.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import sys
 import time

@@ -40,7 +40,6 @@ import warnings
 import zipfile
 from typing import Sequence
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 

@@ -25,7 +25,6 @@ import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from slora_jax import head as head_lib
@@ -216,8 +215,3 @@ class Method:
     """results.json fields: ``semantics`` and ``stored_directions``."""
     del state
     return {"semantics": None, "stored_directions": 0}
-
-
-def host_to_numpy(host: dict) -> dict:
-  """``host`` with every leaf a NumPy array (what the checkpoint stores)."""
-  return jax.tree.map(np.asarray, host)

@@ -16,7 +16,6 @@ import dataclasses
 from typing import ClassVar
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 import slora_jax as sl
