@@ -1,9 +1,10 @@
 """What one seed's run fixes before its first step, and what it carries.
 
-`open_session` builds the `Session` (data, backbone, compiled steps, the
-checkpointer: nothing in it changes during the run); `Progress` is the state
-that does change (adapters, head, optimiser state, where the loop is, the
-finished tasks' records). The task loop (`slora_jax.runner.train`) passes a
+`open_session` builds the `Session` (data, backbone, the method and what it
+sees of the run, compiled steps, the checkpointer: nothing in it changes
+during the run); `Progress` is the state that does change (the train state:
+the method's arrays and the optimiser state; the method's host state; where
+the loop is; the finished tasks' records). The task loop (`slora_jax.runner.train`) passes a
 `Progress` from one named step to the next and gets a new one back.
 """
 

@@ -7,8 +7,11 @@ uninterrupted one: data order, augmentation and adapter init are pure
 functions of (seed, task, epoch, sample).
 
 One seed's run is a short sequence of named steps (`run_seed`): open the
-session, restore or start, then for every task train it, evaluate it and
-finish it, and report. Each step takes the `Progress` and returns a new one.
+session, restore or start, then for every task train it (the method's
+`before_task`, then steps followed by `STEP_ACTIONS`), evaluate it and
+finish it (the method's `after_task`, results.json, a checkpoint), and
+report. Each step takes the `Progress` and returns a new one. Nothing here
+knows a method's internals (`slora_jax/runner/methods/base.py`).
 """
 
 from __future__ import annotations
