@@ -58,14 +58,19 @@ TIMM_REGISTERED = frozenset(
         "vit_small_patch32_384", "vit_large_patch32_384"}
 
 
-def _seed_dir(workdir: str, seed: int | None) -> str:
-  if os.path.isdir(os.path.join(workdir, "checkpoints")):
+def find_run_dir(workdir: str, seed: int | None, holds: str = "checkpoints",
+                 what: str = "checkpoints") -> str:
+  """The run folder of ``workdir``: itself when it holds ``holds``, else its
+  one ``seed_<seed>`` folder (``seed`` None: the only ``seed_*`` one) that
+  does. ``what`` names ``holds`` in the one-line errors."""
+  if os.path.exists(os.path.join(workdir, holds)):
     return workdir
   pattern = f"seed_{seed}" if seed is not None else "seed_*"
-  found = sorted(glob.glob(os.path.join(workdir, pattern)))
+  found = sorted(os.path.dirname(p) for p in
+                 glob.glob(os.path.join(workdir, pattern, holds)))
   if not found:
     raise FileNotFoundError(f"{workdir} holds no run ({pattern}/ with "
-                            "checkpoints); pass the --workdir of a run")
+                            f"{what}); pass the --workdir of a run")
   if len(found) > 1:
     raise ValueError(f"{workdir} holds runs of several seeds "
                      f"({', '.join(os.path.basename(f) for f in found)}); "
@@ -122,7 +127,7 @@ def checkpoint_metas(workdir: str, seed: int | None = None
                      ) -> list[tuple[int, dict | None]]:
   """(step, meta, or None if corrupt) of every checkpoint of a run, oldest
   first, without their arrays."""
-  ckpt = ckpt_lib.Checkpointer(_seed_dir(workdir, seed), read_only=True)
+  ckpt = ckpt_lib.Checkpointer(find_run_dir(workdir, seed), read_only=True)
   out = []
   try:
     for step in ckpt.all_steps():
@@ -138,7 +143,7 @@ def checkpoint_metas(workdir: str, seed: int | None = None
 def checkpoint_cursor(workdir: str, seed: int | None = None,
                       step: int | None = None) -> tuple[int, dict]:
   """(step, task-loop cursor) of a run's checkpoint, without its arrays."""
-  _, meta, step = _restore(_seed_dir(workdir, seed), step, state=False)
+  _, meta, step = _restore(find_run_dir(workdir, seed), step, state=False)
   return step, meta["cursor"]
 
 
@@ -150,7 +155,7 @@ def load_run(workdir: str, seed: int | None = None, step: int | None = None):
     num_trained_classes, seed_dir)``; ``head`` has every class of the run,
     the first ``num_trained_classes`` of them trained.
   """
-  seed_dir = _seed_dir(workdir, seed)
+  seed_dir = find_run_dir(workdir, seed)
   # The checkpoint first: a run without one gets that answer, not a
   # complaint about the config it left behind.
   state, meta, step = _restore(seed_dir, step)

@@ -18,11 +18,11 @@ shares the garment or the style.
 
 from __future__ import annotations
 
-import glob
 import os
 
 from absl import flags
 
+from experiments import export as export_lib
 from experiments import tool
 from slora_jax.runner import results as results_lib
 
@@ -67,24 +67,6 @@ def summarize(cross_task: dict, names=None) -> dict:
   return out
 
 
-def _results_path(workdir: str, seed: int | None) -> str:
-  """``workdir``'s results.json, or that of its (one) ``seed_<seed>`` run."""
-  if os.path.isfile(os.path.join(workdir, results_lib.RESULTS_FILENAME)):
-    return os.path.join(workdir, results_lib.RESULTS_FILENAME)
-  pattern = f"seed_{seed}" if seed is not None else "seed_*"
-  found = sorted(glob.glob(os.path.join(workdir, pattern,
-                                        results_lib.RESULTS_FILENAME)))
-  if not found:
-    raise FileNotFoundError(f"{workdir} holds no run ({pattern}/"
-                            f"{results_lib.RESULTS_FILENAME}); pass the "
-                            "--workdir of a run")
-  if len(found) > 1:
-    raise ValueError(f"{workdir} holds runs of several seeds "
-                     f"({', '.join(p.split(os.sep)[-2] for p in found)}); "
-                     "pick one with --seed")
-  return found[0]
-
-
 def _head_rows_names(results: dict):
   """The class name of each head row, when the data manifest names them."""
   classes = (results.get("data_manifest") or {}).get("classes")
@@ -96,7 +78,9 @@ def _head_rows_names(results: dict):
 
 def head_share(workdir: str, seed: int | None = None) -> dict:
   """Reads a run's results.json; returns (and writes) ``summarize``'s dict."""
-  path = _results_path(workdir, seed)
+  path = os.path.join(export_lib.find_run_dir(
+      workdir, seed, results_lib.RESULTS_FILENAME,
+      results_lib.RESULTS_FILENAME), results_lib.RESULTS_FILENAME)
   results = results_lib.load_results(path)
   if results.get("cross_task") is None:
     raise ValueError(f"{path} predates task-IL (no 'cross_task' section); "
