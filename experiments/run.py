@@ -41,10 +41,8 @@ for _signal in (signal.SIGINT, signal.SIGTERM):
 # pylint: disable=wrong-import-position
 import difflib
 import importlib.util
-import logging as std_logging
 
 from absl import flags
-from absl import logging
 from ml_collections import config_flags
 
 from experiments import tool
@@ -163,15 +161,6 @@ except (KeyError, AttributeError) as err:
   _bad_override(err, sys.argv)
 
 
-def _quiet_libraries(verbosity: int) -> None:
-  """Library logs (JAX, Orbax, absl, TF) at WARNING unless --verbosity >= 1."""
-  level = std_logging.INFO if verbosity >= 1 else std_logging.WARNING
-  std_logging.getLogger().setLevel(level)
-  logging.set_verbosity(logging.INFO if verbosity >= 1 else logging.WARNING)
-  if verbosity < 1:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-
 def _run() -> None:
   from slora_jax.runner import sweep
 
@@ -183,7 +172,6 @@ def _run() -> None:
 
 def main(argv):
   tool.positional(argv)
-  _quiet_libraries(flags.FLAGS.verbosity)
   from slora_jax.runner import interrupt
   # From here a signal raises `Interrupted` (deferred to the end of a step
   # while the task loop runs), so a file being written is finished or removed.

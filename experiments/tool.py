@@ -8,7 +8,9 @@ unknown flag, a bad flag value, a missing required flag or positional
 argument (`positional`), a missing file and the runner's errors
 (`slora_jax.runner.errors.USER_ERRORS`, plus the tool's own ``user_errors``)
 end the tool with one line ``error: ...`` on stderr and exit code 2. Any
-other exception is a bug and keeps its traceback.
+other exception is a bug and keeps its traceback. Library logs (JAX, Orbax,
+absl, TF) stay at WARNING unless ``--verbosity=1``, so that one line is all
+a user's error prints.
 
 A tool whose flag names another tool also defines (``--out``, ``--seed``)
 keeps them in its own ``flags.FlagValues``, so that tests can import every
@@ -17,12 +19,15 @@ tool into one process; `call` runs such a tool in-process.
 
 from __future__ import annotations
 
+import logging as std_logging
+import os
 import re
 import sys
 from typing import Callable, NoReturn, Sequence
 
 from absl import app
 from absl import flags
+from absl import logging
 
 Main = Callable[[list[str]], "int | None"]
 
@@ -44,6 +49,15 @@ def positional(argv: Sequence[str], *names: str) -> list[str]:
   if len(args) < len(names):
     raise app.UsageError(f"give {' '.join(names[len(args):])} (see --help)")
   return args
+
+
+def quiet_libraries(verbosity: int) -> None:
+  """Library logs at WARNING unless ``verbosity`` >= 1 (``--verbosity``)."""
+  level = std_logging.INFO if verbosity >= 1 else std_logging.WARNING
+  std_logging.getLogger().setLevel(level)
+  logging.set_verbosity(logging.INFO if verbosity >= 1 else logging.WARNING)
+  if verbosity < 1:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -106,9 +120,13 @@ def run(main: Main, flag_values: flags.FlagValues | None = None,
       flag_values.mark_as_parsed()
     return rest
 
+  def quiet_main(argv):
+    quiet_libraries(flags.FLAGS.verbosity)
+    return main(argv)
+
   if flag_values is not None:
     _adopt(flag_values)
-  app.run(guard(main, user_errors), flags_parser=parse)
+  app.run(guard(quiet_main, user_errors), flags_parser=parse)
 
 
 def call(main: Main, args: Sequence[str], flag_values: flags.FlagValues,

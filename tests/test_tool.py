@@ -169,3 +169,32 @@ def test_every_tool_gives_one_line_and_exit_2_for_bad_input(tmp_path):
     assert err.startswith(start), (module, args, err)
   # Refused before doing anything: no tool wrote a file (runs/, --out).
   assert all(n.startswith("err") for n in os.listdir(tmp_path))
+
+
+_LOGGING_TOOL = """
+import logging
+from absl import logging as absl_logging
+from experiments import tool
+
+def main(argv):
+  del argv
+  # What a library says on the way (Orbax's INFO lines, a note), then the
+  # user's error.
+  absl_logging.info("restoring checkpoint 3")
+  logging.getLogger("orbax").info("read 4 MiB")
+  raise FileNotFoundError("no results.json in runs/x")
+
+tool.run(main)
+"""
+
+
+@pytest.mark.parametrize("verbosity,lines", [([], 1), (["--verbosity=1"], 3)])
+def test_library_logs_stay_quiet_unless_asked(verbosity, lines):
+  """A user's error is all stderr shows: library INFO logs are off unless
+  --verbosity=1 (then they come before the error line)."""
+  proc = subprocess.run([sys.executable, "-c", _LOGGING_TOOL, *verbosity],
+                        cwd=ROOT, capture_output=True, text=True, timeout=120,
+                        env=dict(os.environ, PYTHONPATH=ROOT))
+  err = proc.stderr.strip().splitlines()
+  assert proc.returncode == 2 and len(err) == lines, err
+  assert err[-1] == "error: no results.json in runs/x"

@@ -261,19 +261,21 @@ class Checkpointer:
     self.corrupt_directory = paths.join(paths.dirname(self.directory),
                                         "checkpoints_corrupt")
     self._read_only = read_only
-    options = ocp.CheckpointManagerOptions(
-        preservation_policy=ocp.checkpoint_managers.LatestN(n=keep),
-        # Saves are small (adapters, head) and a synchronous save makes the
-        # saved cursor exactly the one the loop has reached.
-        enable_async_checkpointing=False,
-        cleanup_tmp_directories=not read_only,
-        read_only=read_only, create=not read_only,
-        # Orbax picks the right class for the filesystem (rename locally, a
-        # commit file on GCS); only the kill tests replace it.
-        temporary_path_class=(_FaultPointTemporaryPath
-                              if faults.active("checkpoint_write") else None),
-    )
-    with _absl_quiet(read_only):   # its notes on read-only mode
+    # Its notes on read-only mode (options and manager alike) are ours to
+    # skip.
+    with _absl_quiet(read_only):
+      options = ocp.CheckpointManagerOptions(
+          preservation_policy=ocp.checkpoint_managers.LatestN(n=keep),
+          # Saves are small (adapters, head) and a synchronous save makes the
+          # saved cursor exactly the one the loop has reached.
+          enable_async_checkpointing=False,
+          cleanup_tmp_directories=not read_only,
+          read_only=read_only, create=not read_only,
+          # Orbax picks the right class for the filesystem (rename locally, a
+          # commit file on GCS); only the kill tests replace it.
+          temporary_path_class=(_FaultPointTemporaryPath
+                                if faults.active("checkpoint_write") else None),
+      )
       self._manager = ocp.CheckpointManager(
           self.directory, options=options, item_names=("state", "meta"))
 
