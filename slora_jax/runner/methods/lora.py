@@ -101,17 +101,10 @@ class AdapterMethod(base.Method):
     return optim.optimizer(lr, momentum=run.exp.train.momentum)
 
   def schedule(self, run, task):
-    """The config's step decay at epoch milestones (task 0 has its own)."""
-    t = run.exp.train
-    base_lr, milestones, gamma = (
-        (t.init_lr, t.init_milestones, t.init_lr_decay) if task.index == 0
-        else (t.lr, t.milestones, t.lr_decay))
-    spe = task.steps_per_epoch
-
-    def lr(step: int) -> float:
-      # Host-side float64, as the reference's Python scheduler.
-      return float(base_lr * gamma ** sum(step // spe >= m for m in milestones))
-    return lr
+    """The config's step decay at epoch milestones (task 0 has its own):
+    `TrainSettings.learning_rate` at each step's epoch."""
+    train, spe = run.exp.train, task.steps_per_epoch
+    return lambda step: train.learning_rate(task.index, step // spe)
 
   def loss(self, run, arrays, backbone, batch, task):
     """Cross-entropy over the task's classes ``[lo, hi)`` (the reference's
